@@ -1,0 +1,1 @@
+"""The throughput pipeline. Never imports ``processor.domain`` (DEVELOPERS.md rule 1)."""

@@ -1,0 +1,28 @@
+"""One exception hierarchy for the core.
+
+redis and psycopg2 errors are translated where they enter (``raise
+TransientError(...) from exc``) so that the rest of the code decides on these
+types only.
+"""
+
+from __future__ import annotations
+
+
+class ProcessorError(Exception):
+    """Base of every error the processor raises on purpose."""
+
+
+class ConfigError(ProcessorError):
+    """A configuration value is invalid; the message is the one line shown to the operator."""
+
+
+class TransientError(ProcessorError):
+    """A server is unreachable or a connection dropped: retry later, acknowledge nothing."""
+
+
+class RowRejectedError(ProcessorError):
+    """PostgreSQL refused a row itself (constraint, range, trigger): the row's own fault."""
+
+
+class StreamGoneError(TransientError):
+    """The consumer group or the stream disappeared (NOGROUP): recreate and go on."""

@@ -1,0 +1,1 @@
+processor/schema.sql

@@ -1,0 +1,204 @@
+"""Test harness: every test talks to real Redis and PostgreSQL, each with its own data.
+
+Services are found from TEST_REDIS_URL / TEST_POSTGRES_URL, else the localhost
+defaults. If they do not answer and a Docker engine does, pytest-docker brings
+up docker-compose.yml. Otherwise the tests fail in CI (CI=true) and skip with
+the reason locally.
+
+Each test gets a fresh database (cloned from a template that already has the
+schema) and unique stream keys; both are dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _unavailable(what: str, url: str, exc: BaseException) -> None:
+    message = f"{what} is not reachable at {url} ({exc}); set TEST_{what.upper()}_URL or start it"
+    if _in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _redis_ok(url: str) -> BaseException | None:
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
+        return exc
+    return None
+
+
+def _postgres_ok(url: str) -> BaseException | None:
+    try:
+        psycopg2.connect(url, connect_timeout=3).close()
+    except Exception as exc:  # noqa: BLE001
+        return exc
+    return None
+
+
+def _docker_answers() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def with_database(url: str, dbname: str) -> str:
+    """``url`` pointing at database ``dbname``."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + dbname))
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file() -> str:
+    return str(ROOT / "docker-compose.yml")
+
+
+@pytest.fixture(scope="session")
+def _services(request: pytest.FixtureRequest) -> dict[str, str]:
+    redis_url = os.environ.get("TEST_REDIS_URL", DEFAULT_REDIS_URL)
+    pg_url = os.environ.get("TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+    redis_err, pg_err = _redis_ok(redis_url), _postgres_ok(pg_url)
+    explicit = "TEST_REDIS_URL" in os.environ or "TEST_POSTGRES_URL" in os.environ
+    if (redis_err or pg_err) and not explicit and _docker_answers():
+        docker_services = request.getfixturevalue("docker_services")
+        redis_url = f"redis://127.0.0.1:{docker_services.port_for('redis', 6379)}/0"
+        pg_url = f"postgresql://postgres:postgres@127.0.0.1:{docker_services.port_for('timescaledb', 5432)}/postgres"
+        docker_services.wait_until_responsive(lambda: _redis_ok(redis_url) is None, timeout=60, pause=1)
+        docker_services.wait_until_responsive(lambda: _postgres_ok(pg_url) is None, timeout=60, pause=1)
+        redis_err = pg_err = None
+    if redis_err:
+        _unavailable("Redis", redis_url, redis_err)
+    if pg_err:
+        _unavailable("Postgres", pg_url, pg_err)
+    return {"redis": redis_url, "postgres": pg_url}
+
+
+@pytest.fixture(scope="session")
+def redis_url(_services: dict[str, str]) -> str:
+    return _services["redis"]
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(_services: dict[str, str]) -> str:
+    """The maintenance database: for CREATE/DROP DATABASE only."""
+    return _services["postgres"]
+
+
+def _admin_exec(admin_url: str, sql: str) -> None:
+    conn = psycopg2.connect(admin_url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_admin_url: str) -> str:
+    """A template database that already has the schema; fresh databases are cloned from it."""
+    from processor.core.db import schema_sql
+
+    name = f"tp_template_{uuid.uuid4().hex[:8]}"
+    _admin_exec(pg_admin_url, f'CREATE DATABASE "{name}"')
+    conn = psycopg2.connect(with_database(pg_admin_url, name))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(schema_sql())
+    conn.close()
+    yield name
+    _admin_exec(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _fresh_database(admin_url: str, template: str | None) -> tuple[str, str]:
+    name = f"tp_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    _admin_exec(admin_url, f'CREATE DATABASE "{name}"{clause}')
+    return name, with_database(admin_url, name)
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str, pg_template: str) -> str:
+    """A fresh database with the schema applied, dropped after the test."""
+    name, url = _fresh_database(pg_admin_url, pg_template)
+    yield url
+    _admin_exec(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_pg_url(pg_admin_url: str) -> str:
+    """A fresh database with no schema at all (for migration tests)."""
+    name, url = _fresh_database(pg_admin_url, None)
+    yield url
+    _admin_exec(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_conn(pg_url: str):
+    conn = psycopg2.connect(pg_url)
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def keys(redis_url: str) -> dict[str, str]:
+    """Unique stream, group and dead-letter keys for this test; deleted afterwards."""
+    tag = uuid.uuid4().hex[:10]
+    names = {
+        "stream": f"test:{tag}:t",
+        "group": f"g{tag}",
+        "dead": f"test:{tag}:t:dead",
+        "consumer": f"c{tag}",
+    }
+    yield names
+    client = redis.Redis.from_url(redis_url)
+    client.delete(names["stream"], names["dead"])
+    client.close()
+
+
+@pytest.fixture
+def redis_client(redis_url: str):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def service_env(redis_url: str, pg_url: str, keys: dict[str, str]) -> dict[str, str]:
+    """Environment for running ``processor.py`` as a subprocess against this test's data."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "POSTGRES_"))}
+    env.update({
+        "REDIS_URL": redis_url,
+        "POSTGRES_URL": pg_url,
+        "STREAM_KEY": keys["stream"],
+        "CONSUMER_GROUP": keys["group"],
+        "CONSUMER_NAME": keys["consumer"],
+        "DEAD_LETTER_STREAM": keys["dead"],
+        "METRICS_PORT": "0",
+        "LOG_LEVEL": "info",
+        "LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
