@@ -1,0 +1,497 @@
+"""Stream entry -> Position, or a Rejection saying why it can never be stored (CONTRACT 1, 1.1, 1.2).
+
+This is the hot path: every entry goes through :meth:`Decoder.decode` once. It never
+raises, whatever the entry holds: the result is always a :class:`Position` or a
+:class:`Rejection` with a reason from :data:`processor.core.types.REASONS`.
+
+Order of the checks (the first that fails gives the reason):
+
+1. ``fields`` is None, empty, not a mapping, has no ``payload`` field, or the payload is
+   empty or None -> ``missing_payload``. Other fields of the entry are ignored.
+2. More than 64 fields in the entry, or a payload over ``max_payload_bytes`` (byte
+   length) -> ``too_large``; the detail names the limit.
+3. Parsing (orjson): invalid JSON, invalid UTF-8, NaN/Infinity, a number that overflows
+   to infinity (``1e400``), a lone surrogate, nesting deeper than orjson's own 1024 levels
+   -> ``invalid_json``. A payload that is neither bytes nor str -> ``invalid_type``.
+   Top-level JSON that is not an object -> ``invalid_type``.
+4. U+0000 anywhere, in a string or a key, at any depth -> ``nul_character`` (PostgreSQL
+   text and jsonb cannot hold it). The document is walked only when the raw bytes contain
+   the escape ``\\u0000``; that test also matches an escaped backslash followed by
+   ``u0000`` (a literal backslash, not a NUL), so the walk checks the parsed strings.
+5. The fields, in this order: device_id, timestamp, latitude, longitude, altitude, angle,
+   speed, satellites, priority, event_id, attributes. A required field that is absent
+   *or JSON null* -> ``missing_field``; an optional field that is null counts as absent.
+   Unknown top-level keys are ignored.
+
+Field rules:
+
+- ``device_id``: a string (else ``invalid_type``) of 1-64 characters with no control
+  character (U+0000-U+001F, U+007F-U+009F) -> else ``invalid_device_id``. Tab (U+0009) and
+  newline (U+000A) ARE allowed: the security issue requires a device id holding tab,
+  newline, backslash, quote or ``\\N`` to round-trip exactly, and the issue is the later
+  word, so it wins over CONTRACT 1 ("no control characters") for these two.
+- ``timestamp``: an ISO-8601 string with ``Z`` or an explicit offset, or integer epoch
+  milliseconds. Accepted string forms: extended ``YYYY-MM-DDTHH:MM[:SS[.f]]`` (``T`` or a
+  space) and basic ``YYYYMMDDTHHMM[SS[.f]]``, ``.`` or ``,`` before 1-9 fraction digits
+  (beyond microseconds they are truncated: PostgreSQL keeps microseconds), then ``Z`` or
+  ``+HH``, ``+HHMM``, ``+HH:MM`` (offsets below 24 h). A naive or malformed string, week
+  and ordinal dates -> ``invalid_timestamp``. A bool, a float or any other type ->
+  ``invalid_type``. Epoch milliseconds convert exactly (integer ``timedelta``, no float
+  division). Before 2000-01-01T00:00:00Z, more than ``max_future_skew_s`` after ``now``,
+  or beyond what ``datetime`` can represent -> ``timestamp_out_of_window``.
+  ``Position.ts`` is timezone-aware UTC.
+- ``latitude`` / ``longitude``: a JSON number (a bool is not) -> else ``invalid_type``;
+  finite and within -90..90 / -180..180 -> else ``out_of_range``. Stored as float.
+- ``altitude`` (finite), ``angle`` (0..360), ``speed`` (>= 0): numbers stored as float in
+  ``real`` columns, so |v| <= 3.4e38 and a non-zero |v| >= 1e-45 (smaller ones underflow
+  to zero and PostgreSQL refuses them) -> else ``out_of_range``.
+- ``satellites`` (0..255), ``priority`` (0..2), ``event_id`` (0..2147483647, an
+  ``integer`` column): JSON integers. ``5.0`` -> ``invalid_type``. orjson reads an integer
+  literal beyond 64 bits as a float, so an integral float of magnitude >= 2**63 is taken
+  for such a literal -> ``out_of_range`` (``timestamp_out_of_window`` for the timestamp).
+- ``attributes``: an object (else ``invalid_type``) whose values are numbers, strings,
+  booleans, null, arrays, objects or sentinels at any depth. Sentinels (CONTRACT 1.1) are
+  replaced in place: ``{"__bigint": "<-?digits, at most 100>"}`` -> an int when
+  |v| <= 2**53-1, else its normalised decimal string; ``{"__buffer": "<strict base64>"}``
+  and ``{"type": "Buffer", "data": [0..255, ...]}`` (exactly those keys) -> a lowercase
+  hex string. A malformed sentinel -> ``invalid_sentinel``; an object whose only key
+  starts with ``__`` and is not a sentinel -> ``unknown_sentinel``. The attributes object
+  itself follows the same rule (it cannot be a sentinel: ``invalid_type``). Containers
+  nested deeper than 32 levels (the attributes object is level 1) -> ``too_large``, which
+  also keeps orjson's serializer (limit 255 levels) safe in :func:`dumps_attributes`.
+  The walk uses an explicit stack: no RecursionError, even at orjson's 1024 levels.
+
+Details are readable, at most 200 characters, and quote at most 60 characters of a value.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+import re
+import reprlib
+import time
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any, Final
+
+import orjson
+
+from .types import (
+    INVALID_DEVICE_ID,
+    INVALID_JSON,
+    INVALID_SENTINEL,
+    INVALID_TIMESTAMP,
+    INVALID_TYPE,
+    MISSING_FIELD,
+    MISSING_PAYLOAD,
+    NUL_CHARACTER,
+    OUT_OF_RANGE,
+    TIMESTAMP_OUT_OF_WINDOW,
+    TOO_LARGE,
+    UNKNOWN_SENTINEL,
+    Position,
+    Rejection,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_FIELDS: Final = 64  # stream entry fields; ours carry one, so 64 is generous
+MAX_ATTRIBUTE_DEPTH: Final = 32  # the attributes object is level 1
+MAX_DEVICE_ID_CHARS: Final = 64
+MAX_BIGINT_DIGITS: Final = 100
+MAX_EVENT_ID: Final = 2_147_483_647  # an `integer` column
+MAX_SAFE_INTEGER: Final = 2**53 - 1  # JavaScript's Number.MAX_SAFE_INTEGER
+MAX_DETAIL_CHARS: Final = 200
+MAX_QUOTE_CHARS: Final = 60
+REAL_MAX: Final = 3.4e38  # PostgreSQL real (float4) limit, rounded down
+REAL_MIN: Final = 1e-45  # non-zero magnitudes below this underflow to 0 and PostgreSQL refuses them
+MIN_TS: Final = datetime(2000, 1, 1, tzinfo=timezone.utc)
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
+MIN_EPOCH_MS: Final = 946_684_800_000  # MIN_TS in epoch milliseconds
+
+_PAYLOAD: Final = b"payload"
+_NUL_ESCAPE: Final = b"\\u0000"
+_INT64_LITERAL: Final = 2.0**63  # orjson turns integer literals beyond 64 bits into floats
+_UTC: Final = timezone.utc
+
+# Control characters refused in device_id: C0 and C1, except tab and newline (see module doc).
+_DEVICE_ID_CONTROL: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_BIGINT: Final = re.compile(r"-?[0-9]{1,%d}" % MAX_BIGINT_DIGITS)
+_OFFSET: Final = r"(?:Z|[+-](?:[01][0-9]|2[0-3])(?::?[0-5][0-9])?)"
+_FRACTION: Final = r"(?:[.,][0-9]{1,9})?"
+_ISO_TIMESTAMP: Final = re.compile(
+    r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}" + _FRACTION + r")?"
+    r"|[0-9]{8}T[0-9]{4}(?:[0-9]{2}" + _FRACTION + r")?)" + _OFFSET
+)
+_MAX_ISO_CHARS: Final = 40
+
+
+_quoter = reprlib.Repr()
+_quoter.maxstring = MAX_QUOTE_CHARS
+_quoter.maxother = MAX_QUOTE_CHARS
+_quoter.maxlong = MAX_QUOTE_CHARS
+_quoter.maxlevel = 2
+
+
+class _Invalid(Exception):
+    """Raised inside the decoder by the first failed check; decode() turns it into a Rejection."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _quote(value: Any) -> str:
+    """A short, safe repr: bounded in size and depth whatever ``value`` holds."""
+    text = _quoter.repr(value)
+    return text if len(text) <= MAX_QUOTE_CHARS else text[: MAX_QUOTE_CHARS - 3] + "..."
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for details."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _wrong_type(field: str, expected: str, value: Any) -> _Invalid:
+    return _Invalid(INVALID_TYPE, f"{field}: expected {expected}, got {_json_type(value)} {_quote(value)}")
+
+
+def _out_of_range(field: str, rule: str, value: Any) -> _Invalid:
+    return _Invalid(OUT_OF_RANGE, f"{field}: {_quote(value)} is out of range ({rule})")
+
+
+class Decoder:
+    """Decodes stream entries (CONTRACT 1). One instance may be shared by threads: it keeps
+    only a cache of the window limit for the last ``now``, replaced atomically."""
+
+    def __init__(self, *, max_payload_bytes: int = 65536, max_future_skew_s: int = 86400) -> None:
+        if max_payload_bytes <= 0:
+            raise ValueError("max_payload_bytes must be positive")
+        if max_future_skew_s < 0:
+            raise ValueError("max_future_skew_s must not be negative")
+        self._max_payload_bytes = max_payload_bytes
+        self._max_future_skew_s = max_future_skew_s
+        self._limit: tuple[float, datetime] = (float("nan"), MIN_TS)
+
+    def decode(self, fields: Mapping[bytes, bytes], now: float | None = None) -> Position | Rejection:
+        """One entry's fields -> a Position, or a Rejection. Never raises."""
+        try:
+            raw = self._payload(fields)
+            doc = _parse(raw)
+            if _NUL_ESCAPE in raw:
+                _check_nul(doc)
+            return self._position(doc, time.time() if now is None else now)
+        except _Invalid as exc:
+            return Rejection(exc.reason, exc.detail[:MAX_DETAIL_CHARS])
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not stall the stream
+            # Never expected: the fuzz test asserts this path is not taken. Dead-lettering
+            # keeps the entry (it can be redriven after a fix) instead of looping on it.
+            log.exception("decoder failed on an entry (a bug): %s", type(exc).__name__)
+            return Rejection(INVALID_JSON, f"decoder error: {type(exc).__name__}: {exc}"[:MAX_DETAIL_CHARS])
+
+    # -- the entry ------------------------------------------------------------------
+
+    def _payload(self, fields: Any) -> bytes:
+        """The payload's bytes, after the field-count and size limits."""
+        if not fields or not isinstance(fields, Mapping):
+            raise _Invalid(MISSING_PAYLOAD, "entry has no fields")
+        payload = fields.get(_PAYLOAD)
+        if payload is None:
+            payload = fields.get("payload")  # a client built with decode_responses=True
+        if payload is None:
+            raise _Invalid(MISSING_PAYLOAD, "entry has no payload field")
+        if len(fields) > MAX_FIELDS:
+            raise _Invalid(TOO_LARGE, f"entry has {len(fields)} fields, more than the limit of {MAX_FIELDS}")
+        raw = _as_bytes(payload, self._max_payload_bytes)
+        if not raw:
+            raise _Invalid(MISSING_PAYLOAD, "payload field is empty")
+        if len(raw) > self._max_payload_bytes:
+            raise _Invalid(TOO_LARGE, f"payload is {len(raw)} bytes, more than "
+                                      f"MAX_PAYLOAD_BYTES={self._max_payload_bytes}")
+        return raw
+
+    # -- the Position ---------------------------------------------------------------
+
+    def _position(self, doc: dict[str, Any], now: float) -> Position:
+        device_id = _device_id(doc)
+        ts = self._timestamp(doc, now)
+        latitude = _coordinate(doc, "latitude", 90.0)
+        longitude = _coordinate(doc, "longitude", 180.0)
+        altitude = _real(doc, "altitude", -REAL_MAX, REAL_MAX, "finite, |v| <= 3.4e38")
+        angle = _real(doc, "angle", 0.0, 360.0, "0..360")
+        speed = _real(doc, "speed", 0.0, REAL_MAX, ">= 0, <= 3.4e38")
+        satellites = _integer(doc, "satellites", 0, 255)
+        priority = _integer(doc, "priority", 0, 2)
+        event_id = _integer(doc, "event_id", 0, MAX_EVENT_ID)
+        return Position(device_id, ts, latitude, longitude, altitude, angle, speed,
+                        satellites, priority, event_id, _attributes(doc))
+
+    def _timestamp(self, doc: dict[str, Any], now: float) -> datetime:
+        value = doc.get("timestamp")
+        kind = type(value)
+        if kind is str:
+            ts = _iso_timestamp(value)
+        elif kind is int:
+            ts = _epoch_ms_timestamp(value)
+        elif value is None:
+            raise _Invalid(MISSING_FIELD, "timestamp is missing")
+        elif kind is float and _is_int64_overflow(value):
+            raise _Invalid(TIMESTAMP_OUT_OF_WINDOW, f"timestamp: {_quote(value)} is beyond any representable time")
+        else:
+            raise _wrong_type("timestamp", "an ISO-8601 string or integer epoch milliseconds", value)
+        if ts < MIN_TS:
+            raise _Invalid(TIMESTAMP_OUT_OF_WINDOW, f"timestamp {ts.isoformat()} is before 2000-01-01T00:00:00Z")
+        limit = self._latest_allowed(now)
+        if ts > limit:
+            raise _Invalid(TIMESTAMP_OUT_OF_WINDOW, f"timestamp {ts.isoformat()} is more than "
+                                                    f"{self._max_future_skew_s} s ahead of now")
+        return ts
+
+    def _latest_allowed(self, now: float) -> datetime:
+        """now + skew as a datetime; computed once per distinct ``now`` (the caller passes one per batch)."""
+        cached_now, limit = self._limit
+        if cached_now != now:
+            limit = datetime.fromtimestamp(now + self._max_future_skew_s, _UTC)
+            self._limit = (now, limit)
+        return limit
+
+
+# -- payload and parsing -------------------------------------------------------------
+
+def _as_bytes(payload: Any, max_bytes: int) -> bytes:
+    """The payload as bytes (redis-py gives bytes; str and buffers are tolerated)."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, (bytearray, memoryview)):
+        return bytes(payload)
+    if isinstance(payload, str):
+        if len(payload) > max_bytes:  # UTF-8 never has fewer bytes than characters
+            raise _Invalid(TOO_LARGE, f"payload is over MAX_PAYLOAD_BYTES={max_bytes}")
+        try:
+            return payload.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Invalid(INVALID_JSON, "payload is not valid UTF-8 (lone surrogate)") from None
+    raise _Invalid(INVALID_TYPE, f"payload field is {type(payload).__name__}, not bytes")
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _Invalid(INVALID_JSON, f"payload is not valid JSON: {exc}") from None
+    if type(doc) is not dict:
+        raise _Invalid(INVALID_TYPE, f"payload is a JSON {_json_type(doc)}, not an object")
+    return doc
+
+
+def _check_nul(doc: dict[str, Any]) -> None:
+    """Reject U+0000 in any key or string, at any depth (explicit stack, no recursion)."""
+    for field, value in doc.items():
+        if "\x00" in field or _has_nul(value):
+            raise _Invalid(NUL_CHARACTER, f"U+0000 in {_quote(field)}: PostgreSQL text cannot hold it")
+
+
+def _has_nul(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if type(node) is str:
+            if "\x00" in node:
+                return True
+        elif type(node) is dict:
+            for key, item in node.items():
+                if "\x00" in key:
+                    return True
+                stack.append(item)
+        elif type(node) is list:
+            stack.extend(node)
+    return False
+
+
+# -- fields --------------------------------------------------------------------------
+
+def _device_id(doc: dict[str, Any]) -> str:
+    value = doc.get("device_id")
+    if type(value) is not str:
+        if value is None:
+            raise _Invalid(MISSING_FIELD, "device_id is missing")
+        raise _wrong_type("device_id", "a string", value)
+    if not 0 < len(value) <= MAX_DEVICE_ID_CHARS:
+        raise _Invalid(INVALID_DEVICE_ID, f"device_id has {len(value)} characters, not 1-{MAX_DEVICE_ID_CHARS}")
+    if _DEVICE_ID_CONTROL.search(value):
+        raise _Invalid(INVALID_DEVICE_ID, f"device_id {_quote(value)} contains a control character")
+    return value
+
+
+def _iso_timestamp(text: str) -> datetime:
+    if len(text) > _MAX_ISO_CHARS or not _ISO_TIMESTAMP.fullmatch(text):
+        raise _Invalid(INVALID_TIMESTAMP, f"timestamp {_quote(text)} is not ISO-8601 with Z or an offset")
+    try:
+        ts = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise _Invalid(INVALID_TIMESTAMP, f"timestamp {_quote(text)}: {exc}") from None
+    if ts.tzinfo is _UTC:
+        return ts
+    try:
+        return ts.astimezone(_UTC)
+    except OverflowError:
+        raise _Invalid(TIMESTAMP_OUT_OF_WINDOW, f"timestamp {_quote(text)} is beyond 9999-12-31 in UTC") from None
+
+
+def _epoch_ms_timestamp(ms: int) -> datetime:
+    if ms < MIN_EPOCH_MS:
+        raise _Invalid(TIMESTAMP_OUT_OF_WINDOW, f"timestamp {ms} ms is before 2000-01-01T00:00:00Z")
+    try:
+        return EPOCH + timedelta(milliseconds=ms)  # exact: integer arithmetic, no float division
+    except OverflowError:
+        raise _Invalid(TIMESTAMP_OUT_OF_WINDOW, f"timestamp {_quote(ms)} ms is beyond any representable time") from None
+
+
+def _is_int64_overflow(value: float) -> bool:
+    """True for what orjson makes of an integer literal that does not fit 64 bits."""
+    return abs(value) >= _INT64_LITERAL and value.is_integer()
+
+
+def _coordinate(doc: dict[str, Any], field: str, bound: float) -> float:
+    value = doc.get(field)
+    kind = type(value)
+    if kind is not float:
+        if kind is not int:
+            if value is None:
+                raise _Invalid(MISSING_FIELD, f"{field} is missing")
+            raise _wrong_type(field, "a number", value)
+        if not -bound <= value <= bound:  # compared as an int: float() of a huge one is lossy
+            raise _out_of_range(field, f"{-bound:g}..{bound:g}", value)
+        return float(value)
+    if not -bound <= value <= bound:  # also false for NaN
+        raise _out_of_range(field, f"{-bound:g}..{bound:g}", value)
+    return value
+
+
+def _real(doc: dict[str, Any], field: str, low: float, high: float, rule: str) -> float | None:
+    """An optional number stored in a ``real`` column."""
+    value = doc.get(field)
+    kind = type(value)
+    if kind is not float:
+        if value is None:
+            return None
+        if kind is not int:
+            raise _wrong_type(field, "a number", value)
+        if not low <= value <= high:
+            raise _out_of_range(field, rule, value)
+        value = float(value)
+    if not low <= value <= high:
+        raise _out_of_range(field, rule, value)
+    if -REAL_MIN < value < REAL_MIN and value != 0.0:
+        raise _out_of_range(field, "non-zero values must be at least 1e-45 in magnitude for a real column", value)
+    return value
+
+
+def _integer(doc: dict[str, Any], field: str, low: int, high: int) -> int | None:
+    value = doc.get(field)
+    if type(value) is not int:
+        if value is None:
+            return None
+        if type(value) is float and _is_int64_overflow(value):
+            raise _out_of_range(field, f"{low}..{high}", value)
+        raise _wrong_type(field, "an integer", value)
+    if not low <= value <= high:
+        raise _out_of_range(field, f"{low}..{high}", value)
+    return value
+
+
+# -- attributes and sentinels ---------------------------------------------------------
+
+_PLAIN: Final = object()  # marks "not a sentinel: an ordinary object"
+
+
+def _attributes(doc: dict[str, Any]) -> dict[str, Any] | None:
+    value = doc.get("attributes")
+    if type(value) is not dict:
+        if value is None:
+            return None
+        raise _wrong_type("attributes", "an object", value)
+    if _sentinel(value, "attributes") is not _PLAIN:
+        raise _Invalid(INVALID_TYPE, "attributes: expected an object, got a sentinel")
+    _decode_sentinels(value)
+    return value
+
+
+def _decode_sentinels(root: dict[str, Any]) -> None:
+    """Replace every sentinel below ``root`` in place; bound the depth. Explicit stack."""
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        container, depth = stack.pop()
+        items = container.items() if type(container) is dict else enumerate(container)
+        for key, value in items:
+            kind = type(value)
+            if kind is not dict and kind is not list:
+                continue  # the common case: a number or a string
+            if depth >= MAX_ATTRIBUTE_DEPTH:
+                raise _Invalid(TOO_LARGE, f"attributes nested deeper than {MAX_ATTRIBUTE_DEPTH} levels")
+            if kind is dict:
+                decoded = _sentinel(value, key)
+                if decoded is not _PLAIN:
+                    container[key] = decoded  # same key: allowed while iterating
+                    continue
+            stack.append((value, depth + 1))
+
+
+def _sentinel(obj: dict[str, Any], where: Any) -> Any:
+    """The decoded value if ``obj`` is a sentinel (CONTRACT 1.1), else :data:`_PLAIN`."""
+    size = len(obj)
+    if size == 1:
+        key = next(iter(obj))
+        if key == "__bigint":
+            return _bigint(obj[key], where)
+        if key == "__buffer":
+            return _base64_buffer(obj[key], where)
+        if key.startswith("__"):
+            raise _Invalid(UNKNOWN_SENTINEL, f"attribute {_quote(where)}: unknown sentinel {_quote(key)}")
+    elif size == 2 and "data" in obj and obj.get("type") == "Buffer":
+        return _node_buffer(obj["data"], where)
+    return _PLAIN
+
+
+def _bigint(text: Any, where: Any) -> int | str:
+    if type(text) is not str or not _BIGINT.fullmatch(text):
+        raise _Invalid(INVALID_SENTINEL, f"attribute {_quote(where)}: __bigint {_quote(text)} is not "
+                                         f"a decimal string of at most {MAX_BIGINT_DIGITS} digits")
+    value = int(text)
+    return value if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER else str(value)
+
+
+def _base64_buffer(text: Any, where: Any) -> str:
+    if type(text) is not str:
+        raise _Invalid(INVALID_SENTINEL, f"attribute {_quote(where)}: __buffer is a {_json_type(text)}, not a string")
+    try:
+        return binascii.a2b_base64(text, strict_mode=True).hex()
+    except (binascii.Error, ValueError) as exc:
+        raise _Invalid(INVALID_SENTINEL, f"attribute {_quote(where)}: __buffer is not strict base64 ({exc})") from None
+
+
+def _node_buffer(data: Any, where: Any) -> str:
+    if type(data) is not list or not all(type(byte) is int and 0 <= byte <= 255 for byte in data):
+        raise _Invalid(INVALID_SENTINEL, f"attribute {_quote(where)}: Buffer data is not an array of integers 0-255")
+    return bytes(data).hex()
+
+
+def dumps_attributes(attributes: dict[str, Any] | None) -> str:
+    """Compact JSON text of decoded attributes, for a jsonb column; ``'{}'`` for None or empty."""
+    if not attributes:
+        return "{}"
+    return orjson.dumps(attributes).decode("utf-8")
