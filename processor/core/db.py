@@ -69,10 +69,12 @@ def connect(dsn: str, *, application_name: str = "telemetry-processor") -> Any:
 
 def retry(what: str, attempt: Callable[[], T], *, stop: threading.Event,
           backoff_start: float = BACKOFF_START_S, backoff_max: float = BACKOFF_MAX_S,
-          on_error: Callable[[TransientError], None] | None = None) -> T | None:
+          on_error: Callable[[TransientError], None] | None = None,
+          tick: Callable[[], None] | None = None) -> T | None:
     """Call ``attempt`` until it succeeds; back off exponentially (capped) on TransientError.
 
     One warning per failed attempt, with the reason. Returns None if ``stop`` is set first.
+    ``tick`` is called about once a second while waiting (it keeps /healthz alive during start-up).
     """
     delay = backoff_start
     attempts = 0
@@ -84,10 +86,23 @@ def retry(what: str, attempt: Callable[[], T], *, stop: threading.Event,
             if on_error is not None:
                 on_error(exc)
             log.warning("%s failed (attempt %d), retrying in %.1fs: %s", what, attempts, delay, exc)
-            if stop.wait(delay):
+            if _wait(stop, delay, tick):
                 break
             delay = min(delay * 2, backoff_max)
     return None
+
+
+def _wait(stop: threading.Event, delay: float, tick: Callable[[], None] | None) -> bool:
+    """Wait ``delay`` seconds or until ``stop``; True if stopped."""
+    if tick is None:
+        return stop.wait(delay)
+    remaining = delay
+    while remaining > 0:
+        tick()
+        if stop.wait(min(remaining, 1.0)):
+            return True
+        remaining -= 1.0
+    return False
 
 
 def connect_with_retry(dsn: str, *, stop: threading.Event, **kwargs: Any) -> Any:

@@ -56,6 +56,8 @@ class Metrics:
         self.postgres_errors = Counter(p + "postgres_errors", "PostgreSQL operations that failed", registry=r)
         self.last_write_timestamp = Gauge(p + "last_write_timestamp_seconds",
                                           "Unix time of the last committed write", registry=r)
+        self.domain_handler_errors = Counter(p + "domain_handler_errors", "Domain handler calls that raised",
+                                             registry=r)
         self.ready = Gauge(p + "ready", "1 when the last Redis read and the last PostgreSQL write or ping "
                            "succeeded (as /readyz), else 0", registry=r)
         self.info = Info("processor", "Processor build information", registry=r)

@@ -1,0 +1,223 @@
+"""The Redis Stream side: consumer group, reads, acknowledgements, reclaim.
+
+redis-py errors are translated here, where they enter: a lost or refused
+connection becomes :class:`TransientError`, a vanished group or stream
+(NOGROUP) :class:`StreamGoneError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .errors import ProcessorError, StreamGoneError, TransientError
+from .redact import redact
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Rule 12: the socket timeout must outlast a blocking read, or an idle stream would look like a failure.
+SOCKET_TIMEOUT_MARGIN_S = 5.0
+CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry as read. ``fields`` is None when its data is gone (trimmed or deleted)."""
+
+    entry_id: str
+    fields: Mapping[bytes, bytes] | None
+    deliveries: int = 1
+
+
+def redis_client(url: str, *, block_ms: int) -> redis.Redis:
+    """A client whose socket timeout outlasts ``block_ms``, with one quick retry on a dropped connection."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=block_ms / 1000 + SOCKET_TIMEOUT_MARGIN_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+        decode_responses=False,
+    )
+
+
+def translate(what: str, call: Callable[[], T]) -> T:
+    """Run a Redis call, translating its errors into ours."""
+    try:
+        return call()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise TransientError(f"{what}: {redact(exc) or type(exc).__name__}") from exc
+    except redis.ResponseError as exc:
+        if str(exc).startswith("NOGROUP"):
+            raise StreamGoneError(f"{what}: {redact(exc)}") from exc
+        raise ProcessorError(f"{what}: {redact(exc)}") from exc
+
+
+def _id_str(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+class StreamConsumer:
+    """Reads one stream through one consumer group, as one named consumer.
+
+    On start (and after the group is recreated) it reads its own pending
+    entries from id ``0`` until none are left, then new ones with ``>``
+    (CONTRACT 4 rule 4).
+    """
+
+    def __init__(self, *, client: redis.Redis, stream: str, group: str, consumer: str,
+                 batch_size: int = 1000, block_ms: int = 1000) -> None:
+        self.client = client
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.batch_size = batch_size
+        self.block_ms = block_ms
+        # "0"-based cursor while draining our own pending entries; None once on ">".
+        self._pending_cursor: str | None = "0"
+
+    # --- group ---
+
+    def ensure_group(self) -> bool:
+        """Create the group from id 0 with MKSTREAM; True if created, False if it existed (BUSYGROUP)."""
+        try:
+            translate("XGROUP CREATE", lambda: self.client.xgroup_create(
+                self.stream, self.group, id="0", mkstream=True))
+        except ProcessorError as exc:
+            if "BUSYGROUP" in str(exc):
+                return False
+            raise
+        log.info("consumer group %s created on stream %s", self.group, self.stream,
+                 extra={"consumer": self.consumer})
+        return True
+
+    def recover_group(self) -> None:
+        """After NOGROUP (e.g. Redis restarted without persistence): recreate and re-read from our pending list."""
+        log.warning("consumer group %s or stream %s disappeared; recreating it from id 0",
+                    self.group, self.stream, extra={"consumer": self.consumer})
+        self.ensure_group()
+        self._pending_cursor = "0"
+
+    @property
+    def draining_pending(self) -> bool:
+        return self._pending_cursor is not None
+
+    # --- reading ---
+
+    def read(self, block: bool = True) -> list[Entry]:
+        """The next batch: our own pending entries first, then new ones (blocking up to ``block_ms``)."""
+        if self._pending_cursor is not None:
+            entries = self._read_pending()
+            if entries:
+                return entries
+            log.info("own pending entries done; reading new entries", extra={"consumer": self.consumer})
+            self._pending_cursor = None
+        reply = translate("XREADGROUP", lambda: self.client.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=self.batch_size,
+            block=self.block_ms if block else None))
+        return [Entry(_id_str(eid), fields) for eid, fields in _entries(reply)]
+
+    def _read_pending(self) -> list[Entry]:
+        cursor = self._pending_cursor or "0"
+        reply = translate("XREADGROUP (pending)", lambda: self.client.xreadgroup(
+            self.group, self.consumer, {self.stream: cursor}, count=self.batch_size))
+        raw = _entries(reply)
+        if not raw:
+            return []
+        self._pending_cursor = _id_str(raw[-1][0])
+        ids = [_id_str(eid) for eid, _ in raw]
+        counts = self.delivery_counts(ids)
+        return [Entry(i, fields or None, counts.get(i, 1)) for i, (_, fields) in zip(ids, raw)]
+
+    def delivery_counts(self, ids: Sequence[str]) -> dict[str, int]:
+        """Delivery counts of our pending ``ids`` (XPENDING over their range)."""
+        if not ids:
+            return {}
+        wanted = set(ids)
+        rows = translate("XPENDING", lambda: self.client.xpending_range(
+            self.stream, self.group, min=min(ids, key=_id_key), max=max(ids, key=_id_key),
+            count=len(ids) * 2 + 10, consumername=self.consumer))
+        return {i: int(r["times_delivered"]) for r in rows if (i := _id_str(r["message_id"])) in wanted}
+
+    def claim(self, min_idle_ms: int, start: str = "0-0", count: int | None = None
+              ) -> tuple[str, list[Entry], list[str]]:
+        """One XAUTOCLAIM page: (next cursor, claimed entries with delivery counts, ids whose data is gone).
+
+        Pages can be empty while the cursor is not ``0-0``; the caller follows it.
+        """
+        reply = translate("XAUTOCLAIM", lambda: self.client.xautoclaim(
+            self.stream, self.group, self.consumer, min_idle_time=min_idle_ms, start_id=start,
+            count=count or self.batch_size))
+        cursor = _id_str(reply[0])
+        raw = [(eid, f) for eid, f in reply[1] if eid is not None]
+        deleted = [_id_str(i) for i in reply[2]] if len(reply) > 2 else []
+        ids = [_id_str(eid) for eid, _ in raw]
+        counts = self.delivery_counts(ids)
+        entries = [Entry(i, fields or None, counts.get(i, 1)) for i, (_, fields) in zip(ids, raw)]
+        return cursor, entries, deleted
+
+    # --- acknowledging and inspecting ---
+
+    def ack(self, ids: Sequence[str]) -> int:
+        """XACK ``ids`` in one call; the number Redis acknowledged."""
+        if not ids:
+            return 0
+        return int(translate("XACK", lambda: self.client.xack(self.stream, self.group, *ids)))
+
+    def group_stats(self) -> tuple[int | None, int]:
+        """(lag, pending) of our group from XINFO GROUPS; lag is None when Redis cannot tell."""
+        groups = translate("XINFO GROUPS", lambda: self.client.xinfo_groups(self.stream))
+        for g in groups:
+            name = g.get("name")
+            if _id_str(name) == self.group:
+                lag = g.get("lag")
+                return (int(lag) if lag is not None else None), int(g.get("pending", 0))
+        raise StreamGoneError(f"group {self.group} not found on {self.stream}")
+
+    def pending_idle(self, min_idle_ms: int, limit: int) -> int:
+        """How many entries have been pending longer than ``min_idle_ms`` on any consumer (at most ``limit``)."""
+        rows = translate("XPENDING", lambda: self.client.xpending_range(
+            self.stream, self.group, min="-", max="+", count=limit, idle=min_idle_ms))
+        return len(rows)
+
+    def consumers(self) -> list[dict[str, Any]]:
+        return list(translate("XINFO CONSUMERS", lambda: self.client.xinfo_consumers(self.stream, self.group)))
+
+    def delete_consumer_if_idle(self, name: str) -> bool:
+        """Remove consumer ``name`` from the group if it holds no pending entry (keeps the group tidy)."""
+        for c in self.consumers():
+            if _id_str(c["name"]) == name:
+                if int(c.get("pending", 0)) == 0:
+                    translate("XGROUP DELCONSUMER", lambda: self.client.xgroup_delconsumer(
+                        self.stream, self.group, name))
+                    return True
+                return False
+        return False
+
+
+def _entries(reply: Any) -> list[tuple[bytes, Mapping[bytes, bytes] | None]]:
+    """The entries of a one-stream XREADGROUP reply (RESP2 list or RESP3 dict)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        streams: Iterable[Any] = reply.values()
+        return [e for v in streams for e in (v[0] if v and isinstance(v[0], list) else v)]
+    return list(reply[0][1])
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def entry_time_ms(entry_id: str) -> int:
+    """The millisecond timestamp in a stream entry id."""
+    return int(entry_id.partition("-")[0])

@@ -1,0 +1,121 @@
+"""The dead-letter stream (CONTRACT 5): where entries that can never be stored go, with the reason.
+
+The XADD here always happens before the caller's XACK, never after.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import redis
+
+from .consumer import translate
+from .redact import redact
+
+log = logging.getLogger(__name__)
+
+MAX_DETAIL_CHARS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One entry to dead-letter."""
+
+    source_id: str
+    payload: bytes
+    reason: str
+    detail: str
+    deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDeadLetter:
+    """One entry of the dead-letter stream, as listed."""
+
+    dead_id: str
+    fields: dict[str, str]
+    payload: bytes
+
+
+def _iso_utc(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+class DeadLetters:
+    """Writes to, lists and redrives the dead-letter stream of one source stream and group."""
+
+    def __init__(self, *, client: redis.Redis, stream: str, source_stream: str, group: str) -> None:
+        self.client = client
+        self.stream = stream
+        self.source_stream = source_stream
+        self.group = group
+
+    def add(self, letters: Sequence[DeadLetter]) -> None:
+        """XADD every letter (one round trip). Raises TransientError if Redis is unreachable."""
+        if not letters:
+            return
+        now = _iso_utc(time.time())
+        pipe = self.client.pipeline(transaction=False)
+        for letter in letters:
+            pipe.xadd(self.stream, {
+                "payload": letter.payload,
+                "reason": letter.reason,
+                "detail": redact(letter.detail)[:MAX_DETAIL_CHARS],
+                "source_stream": self.source_stream,
+                "source_id": letter.source_id,
+                "group": self.group,
+                "deliveries": str(letter.deliveries),
+                "dead_lettered_at": now,
+            })
+        translate("XADD dead letter", pipe.execute)
+        for letter in letters:
+            log.warning("dead-lettered %s: %s (%s)", letter.source_id, letter.reason,
+                        redact(letter.detail)[:200])
+
+    def list(self, limit: int = 100, start: str = "-") -> list[StoredDeadLetter]:
+        """The oldest ``limit`` dead letters from ``start``."""
+        rows = translate("XRANGE", lambda: self.client.xrange(self.stream, min=start, max="+", count=limit))
+        out = []
+        for dead_id, fields in rows:
+            text = {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items() if k != b"payload"}
+            out.append(StoredDeadLetter(dead_id.decode(), text, fields.get(b"payload", b"")))
+        return out
+
+    def count(self) -> int:
+        return int(translate("XLEN", lambda: self.client.xlen(self.stream)))
+
+    def redrive(self, *, reason: str | None = None, limit: int | None = None, page: int = 500,
+                progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+        """Move dead letters back onto the source stream, then remove them from the dead-letter stream.
+
+        Only those with ``reason`` if given, at most ``limit``. The XADD to the
+        source stream comes before the XDEL: a crash between them duplicates an
+        entry (absorbed by ON CONFLICT), never loses one. Returns (moved, scanned).
+        """
+        moved = scanned = 0
+        start = "-"
+        while limit is None or moved < limit:
+            batch = self.list(page, start)
+            if not batch:
+                break
+            start = "(" + batch[-1].dead_id
+            scanned += len(batch)
+            chosen = [d for d in batch if reason is None or d.fields.get("reason") == reason]
+            if limit is not None:
+                chosen = chosen[: limit - moved]
+            if chosen:
+                self._move(chosen)
+                moved += len(chosen)
+            if progress is not None:
+                progress(moved, scanned)
+        return moved, scanned
+
+    def _move(self, letters: Sequence[StoredDeadLetter]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for d in letters:
+            pipe.xadd(self.source_stream, {"payload": d.payload})
+        translate("XADD redrive", pipe.execute)
+        translate("XDEL dead letters", lambda: self.client.xdel(self.stream, *[d.dead_id for d in letters]))

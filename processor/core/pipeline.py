@@ -1,0 +1,364 @@
+"""The main loop: read a batch, decode, update state, write, acknowledge what is stored.
+
+One thread (the caller's) reads and acknowledges; the writer's threads write.
+While one batch is written the next is read, but never more than
+``max_inflight`` batches are unacknowledged: reading pauses at the bound, so
+memory stays bounded when PostgreSQL is slow or down.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+from .consumer import Entry, StreamConsumer, entry_time_ms
+from .deadletter import DeadLetter, DeadLetters
+from .decode import Decoder
+from .errors import StreamGoneError, TransientError
+from .health import Health
+from .metrics import Metrics
+from .state import DeviceState, StateView
+from .types import DB_REJECTED, MAX_DELIVERIES, MISSING_PAYLOAD, Record, Rejection, WriteResult, WriteStatus
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+HEARTBEAT_S = 10.0
+
+
+class BatchHandler(Protocol):
+    """The domain seam: called after each batch is stored, in the main thread.
+
+    Receives the records, their write results (same order) and read-only state.
+    An exception is logged and counted; it never holds up acknowledgement.
+    """
+
+    def __call__(self, records: Sequence[Record], results: Sequence[WriteResult], state: StateView) -> None: ...
+
+
+class WriterLike(Protocol):
+    def submit(self, records: Sequence[Record]) -> Future[list[WriteResult]]: ...
+
+
+@dataclass
+class Totals:
+    """What this pipeline settled since it started (for replay's summary and the heartbeat)."""
+
+    consumed: int = 0
+    inserted: int = 0
+    duplicate: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    acked: int = 0
+    lost: int = 0
+
+
+@dataclass
+class Batch:
+    records: list[Record]
+    future: Future[list[WriteResult]]
+    read_at: float
+    ids: list[str] = field(default_factory=list)
+
+
+class Pipeline:
+    """Reads from a :class:`StreamConsumer`, writes through the writer, acknowledges what is stored."""
+
+    def __init__(self, *, consumer: StreamConsumer, decoder: Decoder, state: DeviceState, writer: WriterLike,
+                 dead_letters: DeadLetters, metrics: Metrics, health: Health, max_inflight: int = 4,
+                 max_deliveries: int = 5, reclaim_idle_ms: int = 60_000,
+                 handlers: Sequence[BatchHandler] = (), clock: Callable[[], float] = time.time) -> None:
+        self.consumer = consumer
+        self.decoder = decoder
+        self.state = state
+        self.writer = writer
+        self.dead_letters = dead_letters
+        self.metrics = metrics
+        self.health = health
+        self.max_inflight = max_inflight
+        self.max_deliveries = max_deliveries
+        self.reclaim_idle_ms = reclaim_idle_ms
+        # Reclaim often enough that an idle entry waits at most about 1.5 x RECLAIM_IDLE_MS.
+        self.reclaim_every_s = min(max(reclaim_idle_ms / 2000, 0.2), 30.0)
+        self.handlers = list(handlers)
+        self.clock = clock
+        self.totals = Totals()
+        self.inflight: deque[Batch] = deque()
+        self._inflight_ids: set[str] = set()
+        self._unacked: list[str] = []  # stored or dead-lettered, XACK not yet through
+        self._next_reclaim = time.monotonic() + self.reclaim_every_s
+        self._reclaim_cursor = "0-0"
+        self._redis_backoff = BACKOFF_START_S
+        self._last_heartbeat = time.monotonic()
+        self._heartbeat_base = 0
+
+    # --- the loop ---
+
+    def run(self, stop: threading.Event) -> None:
+        """Turn until ``stop`` is set. Unexpected exceptions propagate (the caller stops gracefully)."""
+        while not stop.is_set():
+            self.turn(stop)
+
+    def turn(self, stop: threading.Event) -> None:
+        """One turn: settle finished writes, then read (or wait while at the in-flight bound)."""
+        self.health.turned()
+        self.settle(block_s=0.0)
+        self._heartbeat()
+        if len(self.inflight) >= self.max_inflight:
+            self.settle(block_s=0.2)
+            return
+        try:
+            self._flush_acks()
+            if time.monotonic() >= self._next_reclaim:
+                self.reclaim_once()
+            entries = self.consumer.read()
+            self.health.redis_result(None)
+            self._redis_backoff = BACKOFF_START_S
+        except StreamGoneError:
+            self.metrics.redis_errors.inc()
+            self._recover_group()
+            return
+        except TransientError as exc:
+            self._redis_failed(exc, stop)
+            return
+        if entries:
+            self.process(entries)
+
+    def _redis_failed(self, exc: TransientError, stop: threading.Event) -> None:
+        self.metrics.redis_errors.inc()
+        self.health.redis_result(str(exc))
+        log.warning("Redis unavailable, retrying in %.1fs: %s", self._redis_backoff, exc,
+                    extra={"consumer": self.consumer.consumer})
+        # Keep settling writes while we wait, so finished batches are acknowledged as soon as Redis is back.
+        deadline = time.monotonic() + self._redis_backoff
+        while not stop.is_set() and time.monotonic() < deadline:
+            self.health.turned()
+            self.settle(block_s=min(0.2, max(deadline - time.monotonic(), 0)))
+        self._redis_backoff = min(self._redis_backoff * 2, BACKOFF_MAX_S)
+
+    def _recover_group(self) -> None:
+        try:
+            self.consumer.recover_group()
+        except TransientError as exc:
+            log.warning("could not recreate the group yet: %s", exc)
+
+    # --- one batch ---
+
+    def process(self, entries: Sequence[Entry]) -> Batch | None:
+        """Decode ``entries``, dead-letter what can never be stored, update state and submit the rest."""
+        now = self.clock()
+        self.metrics.records_consumed.inc(len(entries))
+        self.metrics.batch_size.observe(len(entries))
+        self.totals.consumed += len(entries)
+        log.debug("batch consumed n=%d", len(entries), extra={"consumer": self.consumer.consumer})
+        records: list[Record] = []
+        letters: list[DeadLetter] = []
+        lost: list[str] = []
+        decode = self.decoder.decode
+        for entry in entries:
+            if entry.entry_id in self._inflight_ids:
+                continue  # already being written here (claimed back from ourselves)
+            if entry.fields is None:
+                lost.append(entry.entry_id)
+                continue
+            payload = entry.fields.get(b"payload", b"")
+            if entry.deliveries > self.max_deliveries:
+                letters.append(DeadLetter(entry.entry_id, payload, MAX_DELIVERIES,
+                                          f"delivered {entry.deliveries} times (limit {self.max_deliveries})",
+                                          entry.deliveries))
+                continue
+            result = decode(entry.fields, now)
+            if isinstance(result, Rejection):
+                if result.reason == MISSING_PAYLOAD:
+                    payload = b""
+                letters.append(DeadLetter(entry.entry_id, payload, result.reason, result.detail, entry.deliveries))
+            else:
+                records.append(Record(entry.entry_id, result, payload, entry.deliveries))
+        self._settle_unwritable(letters, lost)
+        if not records:
+            return None
+        self.state.update((r.position for r in records), now)
+        self.metrics.devices_tracked.set(len(self.state))
+        batch = Batch(records, self.writer.submit(records), time.monotonic(), [r.entry_id for r in records])
+        self._inflight_ids.update(batch.ids)
+        self.inflight.append(batch)
+        self.metrics.inflight_batches.set(len(self.inflight))
+        return batch
+
+    def _settle_unwritable(self, letters: list[DeadLetter], lost: list[str]) -> None:
+        """Dead-letter rejections (XADD first), count lost entries, then acknowledge both."""
+        for entry_id in lost:
+            log.error("pending entry %s has no data (trimmed or deleted): lost, acknowledging it", entry_id,
+                      extra={"consumer": self.consumer.consumer})
+        if lost:
+            self.metrics.entries_lost.inc(len(lost))
+            self.totals.lost += len(lost)
+        if letters:
+            try:
+                self.dead_letters.add(letters)
+            except TransientError as exc:
+                # Not acknowledged: they stay pending and come back (reclaim or restart).
+                self.metrics.redis_errors.inc()
+                log.warning("could not dead-letter %d entries, they stay pending: %s", len(letters), exc)
+                letters = []
+            for letter in letters:
+                self.metrics.records_dead_lettered.labels(letter.reason).inc()
+            self.totals.dead_lettered += len(letters)
+        self._ack([d.source_id for d in letters] + lost)
+
+    # --- settling written batches ---
+
+    def settle(self, block_s: float = 0.0) -> int:
+        """Acknowledge every finished batch (waiting up to ``block_s`` for one); the number settled."""
+        if not self.inflight:
+            return 0
+        if block_s > 0 and not any(b.future.done() for b in self.inflight):
+            wait_futures([b.future for b in self.inflight], timeout=block_s, return_when=FIRST_COMPLETED)
+        done = [b for b in self.inflight if b.future.done()]
+        for batch in done:
+            self.inflight.remove(batch)
+            self._inflight_ids.difference_update(batch.ids)
+            self._settle_batch(batch)
+        self.metrics.inflight_batches.set(len(self.inflight))
+        return len(done)
+
+    def _settle_batch(self, batch: Batch) -> None:
+        try:
+            results = batch.future.result()
+        except Exception:  # the writer logged it; the entries stay pending and come back
+            log.exception("batch of %d failed unexpectedly; its entries stay pending", len(batch.records))
+            self.totals.failed += len(batch.records)
+            return
+        stored: list[str] = []
+        letters: list[DeadLetter] = []
+        inserted = duplicate = failed = 0
+        commit_s = self.clock()
+        observe = self.metrics.end_to_end_seconds.observe
+        for record, result in zip(batch.records, results):
+            status = result.status
+            if status is WriteStatus.INSERTED:
+                inserted += 1
+            elif status is WriteStatus.DUPLICATE:
+                duplicate += 1
+            else:
+                failed += 1
+                if not result.transient and record.deliveries >= self.max_deliveries:
+                    letters.append(DeadLetter(record.entry_id, record.payload, DB_REJECTED,
+                                              result.error or "rejected by PostgreSQL", record.deliveries))
+                continue
+            stored.append(record.entry_id)
+            observe(max(commit_s - entry_time_ms(record.entry_id) / 1000, 0.0))
+        if inserted or duplicate:
+            self.health.postgres_result(None)
+        self.totals.inserted += inserted
+        self.totals.duplicate += duplicate
+        self.totals.failed += failed - len(letters)
+        self._settle_unwritable(letters, [])
+        self._ack(stored)
+        log.debug("batch written inserted=%d duplicates=%d failed=%d", inserted, duplicate, failed,
+                  extra={"consumer": self.consumer.consumer})
+        self._run_handlers(batch.records, results)
+
+    def _run_handlers(self, records: Sequence[Record], results: Sequence[WriteResult]) -> None:
+        for handler in self.handlers:
+            try:
+                handler(records, results, self.state)
+            except Exception:
+                self.metrics.domain_handler_errors.inc()
+                log.exception("domain handler %r failed; the batch is acknowledged regardless", handler)
+
+    # --- acknowledging ---
+
+    def _ack(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        self._unacked.extend(ids)
+        try:
+            self._flush_acks()
+        except TransientError as exc:
+            self.metrics.redis_errors.inc()
+            self.health.redis_result(str(exc))
+            log.warning("XACK of %d entries failed, will retry: %s", len(self._unacked), exc)
+        except StreamGoneError:
+            # The group is gone, and with it the pending list: there is nothing left to acknowledge.
+            self._unacked.clear()
+
+    def _flush_acks(self) -> None:
+        if not self._unacked:
+            return
+        ids = self._unacked
+        self.consumer.ack(ids)
+        self.metrics.acks.inc(len(ids))
+        self.totals.acked += len(ids)
+        self._unacked = []
+
+    # --- reclaim (CONTRACT 4 rule 5) ---
+
+    @property
+    def reclaim_cursor(self) -> str:
+        """Where the next XAUTOCLAIM page starts; ``0-0`` once a full pass is done."""
+        return self._reclaim_cursor
+
+    def reclaim_once(self, limit: int | None = None) -> int:
+        """Claim one page of entries idle longer than ``reclaim_idle_ms`` on any consumer and process it."""
+        self._next_reclaim = time.monotonic() + self.reclaim_every_s
+        count = self.consumer.batch_size if limit is None else min(limit, self.consumer.batch_size)
+        cursor, entries, deleted = self.consumer.claim(self.reclaim_idle_ms, self._reclaim_cursor, count)
+        self._reclaim_cursor = cursor
+        fresh = [e for e in entries if e.entry_id not in self._inflight_ids]
+        if fresh or deleted:
+            self.metrics.reclaimed.inc(len(fresh))
+            log.info("reclaimed %d idle entries (%d with no data)", len(fresh), len(deleted),
+                     extra={"consumer": self.consumer.consumer})
+        if deleted:
+            self.process([Entry(i, None) for i in deleted])
+        if fresh:
+            self.process(fresh)
+        if cursor != "0-0":
+            self._next_reclaim = time.monotonic()  # more pages: follow the cursor next turn
+        return len(fresh) + len(deleted)
+
+    # --- shutdown ---
+
+    def drain(self, deadline: float) -> bool:
+        """Wait for in-flight writes and acknowledge them, until ``deadline`` (monotonic). True if all done."""
+        while self.inflight and time.monotonic() < deadline:
+            self.health.turned()
+            self.settle(block_s=min(0.2, max(deadline - time.monotonic(), 0.01)))
+        try:
+            self._flush_acks()
+        except (TransientError, StreamGoneError) as exc:
+            log.warning("final XACK failed; those entries stay pending and will be written again: %s", exc)
+        return not self.inflight and not self._unacked
+
+    def left_over(self) -> int:
+        """Entries read but not settled (still pending in Redis, so not lost)."""
+        return sum(len(b.records) for b in self.inflight) + len(self._unacked)
+
+    # --- heartbeat ---
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_heartbeat < HEARTBEAT_S:
+            return
+        done = self.totals.inserted + self.totals.duplicate + self.totals.dead_lettered
+        rate = (done - self._heartbeat_base) / (now - self._last_heartbeat)
+        self._last_heartbeat, self._heartbeat_base = now, done
+        if rate > 0 or self.inflight:
+            log.info("heartbeat records_per_s=%.0f lag=%s pending=%s inflight=%d", rate,
+                     _gauge(self.metrics.stream_lag), _gauge(self.metrics.pending_entries), len(self.inflight),
+                     extra={"consumer": self.consumer.consumer})
+
+
+def _gauge(g: object) -> str:
+    try:
+        return f"{g._value.get():.0f}"  # type: ignore[attr-defined]
+    except AttributeError:
+        return "?"
