@@ -1,0 +1,60 @@
+# telemetry-processor: the service image.
+#
+#   docker build -t telemetry-processor .
+#   docker compose --profile app up -d      (the processor beside TimescaleDB and Redis)
+#
+# Configuration is the environment (CONTRACT 3); nothing is baked in. `.env` is
+# kept out of the build context by .dockerignore, so no secret ends up in a layer.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# A fixed, numeric uid/gid: Kubernetes' runAsNonRoot can only check a number,
+# and volume ownership stays the same across rebuilds.
+RUN groupadd --system --gid 10001 telemetry \
+ && useradd --system --uid 10001 --gid telemetry --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin telemetry
+
+WORKDIR /app
+
+# Dependencies first, read from pyproject.toml alone: this layer is rebuilt when
+# the dependency list changes, not on every edit of the source.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" \
+        > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+
+# The source: .dockerignore lets through only the package, processor.py,
+# schema.sql (a symlink to processor/schema.sql, kept as one) and the project files.
+COPY . .
+
+# Installed too (no dependencies: they are above) for the `telemetry-processor`
+# command and the package metadata. `python processor.py` imports /app/processor,
+# the same code. The code is compiled here because /app stays read-only to the
+# service user, which could not write __pycache__ at run time.
+RUN pip install --no-deps . \
+ && rm -rf build ./*.egg-info \
+ && python -m compileall -q processor processor.py
+
+# Root owns /app; the service only reads it.
+USER 10001:10001
+
+# /metrics, /healthz, /readyz (METRICS_PORT).
+EXPOSE 9464
+
+# The processor drains in-flight writes on SIGTERM within SHUTDOWN_TIMEOUT_S
+# (15 s). Docker's default stop timeout is 10 s: give it more
+# (`docker stop -t 30`, compose `stop_grace_period: 30s`). Python is PID 1 here
+# (exec-form CMD) and installs its own handlers, so the signal reaches it.
+STOPSIGNAL SIGTERM
+
+# Liveness from /healthz, with the standard library only (the slim image has no
+# curl). urlopen raises on refusal, timeout and any non-2xx status: exit 1.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('METRICS_PORT', '9464'), timeout=4)"]
+
+CMD ["python", "processor.py"]
