@@ -114,6 +114,7 @@ _PAYLOAD: Final = b"payload"
 _NUL_ESCAPE: Final = b"\\u0000"
 _INT64_LITERAL: Final = 2.0**63  # orjson turns integer literals beyond 64 bits into floats
 _UTC: Final = timezone.utc
+_MAX_TS: Final = datetime.max.replace(tzinfo=_UTC)
 
 # Control characters refused in device_id: C0 and C1, except tab and newline (see module doc).
 _DEVICE_ID_CONTROL: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -265,7 +266,10 @@ class Decoder:
         """now + skew as a datetime; computed once per distinct ``now`` (the caller passes one per batch)."""
         cached_now, limit = self._limit
         if cached_now != now:
-            limit = datetime.fromtimestamp(now + self._max_future_skew_s, _UTC)
+            try:
+                limit = datetime.fromtimestamp(now + self._max_future_skew_s, _UTC)
+            except (OverflowError, ValueError, OSError):  # beyond year 9999: no upper bound left
+                limit = _MAX_TS
             self._limit = (now, limit)
         return limit
 
