@@ -1,0 +1,279 @@
+"""The throwaway servers: data survives stop/start (and kill where promised), auth and TLS work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psycopg2
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from processor.devservers import ThrowawayPostgres, ThrowawayRedis, free_port, postgres_answers, redis_answers
+from tests import servers
+
+# The fixtures (assigned, not imported, so that test arguments of the same name do not shadow an import).
+throwaway_postgres = servers.throwaway_postgres
+throwaway_postgres_factory = servers.throwaway_postgres_factory
+throwaway_redis = servers.throwaway_redis
+throwaway_redis_factory = servers.throwaway_redis_factory
+
+# redis-py retries failed connections with backoff by default: a refusal should be quick.
+NO_RETRY = Retry(NoBackoff(), 0)
+ROW = ("356307042441013", "2024-05-01T12:00:00Z", 54.6872, 25.2797)
+
+
+def _insert(url: str) -> None:
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO positions (device_id, ts, latitude, longitude) VALUES (%s, %s, %s, %s)", ROW)
+    conn.close()
+
+
+def _rows(url: str) -> list[tuple[str, float]]:
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT device_id, latitude FROM positions ORDER BY device_id")
+        rows = cur.fetchall()
+    conn.close()
+    return rows
+
+
+# --- PostgreSQL ---
+
+def test_postgres_keeps_data_and_port_across_stop_and_start(throwaway_postgres: ThrowawayPostgres) -> None:
+    pg = throwaway_postgres
+    url, port = pg.url, pg.port
+    _insert(url)
+    pg.stop()
+    pg.stop()  # a second stop is harmless
+    assert not pg.is_running()
+    assert not postgres_answers(url)
+    with pytest.raises(psycopg2.OperationalError):
+        psycopg2.connect(url, connect_timeout=2)
+    pg.start()
+    assert pg.is_running()
+    assert (pg.port, pg.url) == (port, url)
+    assert _rows(url) == [(ROW[0], ROW[2])]
+
+
+@pytest.mark.parametrize("mode", ["immediate", "smart"])
+def test_postgres_stop_modes_keep_committed_rows(throwaway_postgres: ThrowawayPostgres, mode: str) -> None:
+    _insert(throwaway_postgres.url)
+    throwaway_postgres.stop(mode)
+    assert not throwaway_postgres.is_running()
+    throwaway_postgres.start()
+    assert _rows(throwaway_postgres.url) == [(ROW[0], ROW[2])]
+
+
+def test_postgres_kill_drops_connections_and_keeps_committed_rows(
+        throwaway_postgres: ThrowawayPostgres) -> None:
+    pg = throwaway_postgres
+    _insert(pg.url)
+    held = psycopg2.connect(pg.url)
+    pg.kill()
+    assert not pg.is_running()
+    with pytest.raises((psycopg2.OperationalError, psycopg2.InterfaceError)), held.cursor() as cur:
+        cur.execute("SELECT 1")
+    held.close()
+    pg.restart()
+    assert _rows(pg.url) == [(ROW[0], ROW[2])]
+
+
+def test_postgres_password_is_required(throwaway_postgres_factory) -> None:
+    pg = throwaway_postgres_factory(password="s3cret p@ss", schema=False)
+    assert pg.url == f"postgresql://postgres:s3cret%20p%40ss@127.0.0.1:{pg.port}/postgres"
+    psycopg2.connect(pg.url).close()
+    without = f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
+    with pytest.raises(psycopg2.OperationalError, match="password"):
+        psycopg2.connect(without, connect_timeout=5)
+    wrong = f"postgresql://postgres:nope@127.0.0.1:{pg.port}/postgres"
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        psycopg2.connect(wrong, connect_timeout=5)
+
+
+def test_postgres_ssl_connection_is_encrypted_and_verifiable(throwaway_postgres_factory) -> None:
+    pg = throwaway_postgres_factory(ssl=True, schema=False)
+    assert pg.url.endswith("/postgres?sslmode=require")
+    assert pg.ca_file is not None and pg.ca_file.is_file()
+    verified = pg.url.replace("sslmode=require", f"sslmode=verify-full&sslrootcert={pg.ca_file}")
+    for url in (pg.url, verified):
+        conn = psycopg2.connect(url)
+        with conn.cursor() as cur:
+            cur.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            assert cur.fetchone() == (True,)
+        conn.close()
+
+
+def test_postgres_start_failure_raises_with_the_log_tail() -> None:
+    pg = ThrowawayPostgres(settings={"shared_buffers": "'lots'"})
+    try:
+        with pytest.raises(RuntimeError, match="shared_buffers"):
+            pg.start()
+        assert not pg.is_running()
+    finally:
+        pg.cleanup()
+
+
+def test_context_manager_removes_process_and_directory() -> None:
+    with ThrowawayPostgres() as pg:
+        assert pg.is_running()
+        directory, url = pg.dir, pg.url
+        assert directory.is_dir()
+    assert not pg.is_running()
+    assert not directory.exists()
+    assert not postgres_answers(url)
+    pg.cleanup()  # twice is harmless
+    with pytest.raises(RuntimeError, match="cleaned up"):
+        pg.start()
+
+
+# --- Redis ---
+
+def _stream_and_group(client: redis.Redis, stream: str = "telemetry:t") -> None:
+    client.xadd(stream, {"payload": b"{}"})
+    client.xadd(stream, {"payload": b"[]"})
+    client.xgroup_create(stream, "processor", id="0")
+    client.xreadgroup("processor", "c1", {stream: ">"}, count=1)
+
+
+def test_redis_without_appendonly_loses_stream_on_restart(throwaway_redis: ThrowawayRedis) -> None:
+    port = throwaway_redis.port
+    with throwaway_redis.client() as client:
+        _stream_and_group(client)
+    throwaway_redis.stop()
+    throwaway_redis.stop()
+    assert not throwaway_redis.is_running()
+    assert not redis_answers(throwaway_redis.url)
+    throwaway_redis.start()
+    assert throwaway_redis.port == port
+    with throwaway_redis.client() as client:
+        assert client.exists("telemetry:t") == 0
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["restart", "kill"])
+def test_redis_appendonly_keeps_stream_group_and_pending(throwaway_redis_factory, crash: bool) -> None:
+    server = throwaway_redis_factory(appendonly=True)
+    with server.client() as client:
+        _stream_and_group(client)
+    if crash:
+        server.kill()
+        assert not server.is_running()
+        server.start()
+    else:
+        server.restart()
+    with server.client() as client:
+        assert client.xlen("telemetry:t") == 2
+        groups = client.xinfo_groups("telemetry:t")
+        assert [(g["name"], g["pending"]) for g in groups] == [(b"processor", 1)]
+
+
+def test_redis_password_is_required(throwaway_redis_factory) -> None:
+    server = throwaway_redis_factory(password="s3cret p@ss")
+    assert server.url == f"redis://:s3cret%20p%40ss@127.0.0.1:{server.port}/0"
+    with server.client() as client:
+        assert client.ping() is True
+    with redis.Redis(port=server.port, retry=NO_RETRY) as client, pytest.raises(redis.AuthenticationError):
+        client.ping()
+    with redis.Redis(port=server.port, password="nope", retry=NO_RETRY) as client, \
+            pytest.raises(redis.AuthenticationError):
+        client.ping()
+
+
+def test_redis_tls_needs_tls_and_the_ca(throwaway_redis_factory) -> None:
+    server = throwaway_redis_factory(tls=True)
+    assert server.url == (f"rediss://127.0.0.1:{server.port}/0"
+                          f"?ssl_cert_reqs=required&ssl_ca_certs={server.ca_file}")
+    with server.client() as client:
+        assert client.ping() is True
+    plain = f"redis://127.0.0.1:{server.port}/0"
+    with redis.Redis.from_url(plain, socket_timeout=2, retry=NO_RETRY) as client, \
+            pytest.raises(redis.ConnectionError):
+        client.ping()
+    untrusted = f"rediss://127.0.0.1:{server.port}/0?ssl_cert_reqs=required"
+    with redis.Redis.from_url(untrusted, socket_timeout=2, retry=NO_RETRY) as client, \
+            pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+        client.ping()
+
+
+def test_free_port_is_not_handed_out_twice_while_a_server_owns_it(throwaway_redis: ThrowawayRedis) -> None:
+    throwaway_redis.stop()
+    ports = {free_port() for _ in range(200)}
+    assert throwaway_redis.port not in ports
+
+
+# --- the `make run` wrapper ---
+
+def _devservers(args: list[str], env: dict[str, str], cwd: Path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "processor.devservers", *args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "POSTGRES_"))}
+    env.update(extra)
+    return env
+
+
+def test_cli_starts_a_throwaway_redis_when_nothing_answers(tmp_path: Path, pg_admin_url: str) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    child = textwrap.dedent("""
+        import os, sys, redis
+        url = os.environ["REDIS_URL"]
+        print("child", url, redis.Redis.from_url(url).ping(), os.environ["POSTGRES_URL"] == sys.argv[1])
+        sys.exit(3)
+    """)
+    proc = _devservers(["--", sys.executable, "-c", child, pg_admin_url],
+                       _clean_env(REDIS_URL=dead, POSTGRES_URL=pg_admin_url), tmp_path)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    started = [line for line in err.splitlines() if line.startswith("devservers:")]
+    assert len(started) == 1, err
+    prefix = f"devservers: nothing answers on {dead}; started a throwaway Redis on redis://"
+    assert started[0].startswith(prefix)
+    url = started[0].rsplit(" ", 1)[1]
+    assert out.strip() == f"child {url} True True"
+    assert not redis_answers(url)  # removed when the command exited
+
+
+def test_cli_fails_in_one_line_when_nothing_answers_and_nothing_is_installed(tmp_path: Path) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    env = _clean_env(REDIS_URL=dead, PATH=str(tmp_path))
+    proc = _devservers(["--", sys.executable, "-c", "print('ran')"], env, tmp_path)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert out == ""
+    expected = (f"devservers: nothing answers on {dead} and no Redis server is installed; "
+                "start Redis or set the URL in the environment or .env")
+    assert err.splitlines() == [expected]
+
+
+def test_cli_forwards_sigterm_once_and_returns_the_exit_status(tmp_path: Path, redis_url: str,
+                                                               pg_admin_url: str) -> None:
+    child = textwrap.dedent("""
+        import signal, sys, time
+        got = []
+        signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+        print("ready", flush=True)
+        deadline = time.monotonic() + 20
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a second forwarded signal would show up here
+        print("signals", got, flush=True)
+        sys.exit(7)
+    """)
+    proc = _devservers(["--", sys.executable, "-c", child],
+                       _clean_env(REDIS_URL=redis_url, POSTGRES_URL=pg_admin_url), tmp_path)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    rest, err = proc.communicate(timeout=30)
+    assert rest.strip() == f"signals [{int(signal.SIGTERM)}]"
+    assert proc.returncode == 7
+    assert "devservers:" not in err  # both servers answered: nothing started, nothing said
