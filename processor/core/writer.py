@@ -1,0 +1,629 @@
+"""The PostgreSQL writer: batches of records into ``positions`` (CONTRACT 2; 4, rules 1, 3, 6, 7, 13).
+
+Every write is ``INSERT ... ON CONFLICT (device_id, ts) DO NOTHING RETURNING
+device_id, ts``: the rows returned were inserted, the others were already there
+(or came twice in the batch), so "the first stored wins" and nothing is ever updated.
+A batch goes one of two ways, with identical results:
+
+- fewer than ``copy_threshold`` records: one multi-row ``INSERT ... VALUES``
+  (``psycopg2.extras.execute_values``), one round trip;
+- otherwise: ``COPY`` (text format) into a per-connection TEMP staging table, then
+  ``INSERT ... SELECT ... ORDER BY seq``, in one transaction. COPY skips the
+  per-value SQL quoting and the server's parsing of a huge statement, which
+  wins once batches are large (bench/micro_writer.py; docs/performance.md).
+
+Errors are classified where they enter (:func:`processor.core.db.classify`):
+transient ones fail the whole attempt and the connection is replaced; a row the
+database refuses is isolated by splitting the batch in halves, each half its own
+transaction, so that the rows beside it are written.
+
+Metrics (decided here): ``records_written_total{status}`` counts every settled
+outcome of a write attempt, i.e. ``inserted``, ``duplicate``, and ``failed`` for
+rows the database rejected. Transient failures are not counted as ``failed``
+(the records stay pending and come back); they show in
+``postgres_errors_total``, which grows by one per write attempt or ping that
+hit any database error (one per attempt, however many halves a split tried).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from queue import Empty, SimpleQueue
+from typing import Any
+
+import orjson
+import psycopg2
+import psycopg2.extras
+
+from . import db
+from .errors import RowRejectedError, TransientError
+from .metrics import Metrics
+from .redact import redact
+from .types import DUPLICATE, INSERTED, Record, WriteResult, WriteStatus
+
+log = logging.getLogger(__name__)
+
+# Batches of at least this many records go through COPY. Measured with
+# bench/micro_writer.py (PostgreSQL 15, 2 shared CPUs, ~280-byte rows): the paths
+# break even at about 20 rows (COPY/VALUES 0.83 at 10, 1.0-1.1 at 20, 1.4 at 50,
+# 2-2.5 from 250 up). Below it, COPY's extra round trip and the staging table's
+# truncation at commit cost more than the per-value quoting of VALUES saves.
+COPY_THRESHOLD = 20
+# How often a retry pause looks at the external stop event (cancel_retries is immediate).
+STOP_POLL_S = 0.1
+# After close()'s deadline: how long cancelled jobs get to hand back their results.
+ABORT_GRACE_S = 1.0
+
+COLUMNS = ("device_id, ts, latitude, longitude, altitude, angle, speed, satellites, priority, "
+           "event_id, attributes")
+CONFLICT = "ON CONFLICT (device_id, ts) DO NOTHING RETURNING device_id, ts"
+VALUES_SQL = f"INSERT INTO positions ({COLUMNS}) VALUES %s {CONFLICT}"
+COPY_SQL = "COPY positions_stage FROM STDIN"
+FROM_STAGE_SQL = f"INSERT INTO positions ({COLUMNS}) SELECT {COLUMNS} FROM positions_stage ORDER BY seq {CONFLICT}"
+# Run once per connection. The staging table has the column types of positions
+# (so COPY converts values once) but none of its constraints: a bad row fails in
+# the INSERT, with the same message as the VALUES path. UTC makes naive and
+# aware timestamps mean the same on both paths.
+SESSION_SQL = """
+SET TIME ZONE 'UTC';
+CREATE TEMP TABLE IF NOT EXISTS positions_stage (
+    seq         integer NOT NULL,
+    device_id   text,
+    ts          timestamptz,
+    latitude    double precision,
+    longitude   double precision,
+    altitude    real,
+    angle       real,
+    speed       real,
+    satellites  smallint,
+    priority    smallint,
+    event_id    integer,
+    attributes  jsonb
+) ON COMMIT DELETE ROWS;
+"""
+PING_SQL = "SELECT 1"
+
+
+@dataclass(slots=True)
+class _Job:
+    """One submit(): its records, its future, and the cancel_retries() generation it belongs to."""
+
+    records: list[Record]
+    future: Future[list[WriteResult]]
+    generation: int
+
+
+class Writer:
+    """Writes batches of records to ``positions``; one psycopg2 connection per thread.
+
+    ``write()`` makes one attempt in the caller's thread. ``submit()`` hands the
+    batch to one of ``threads`` worker threads, which retries transient failures
+    with exponential backoff until they clear, ``stop`` is set, or
+    ``cancel_retries()``/``close()`` interrupts it.
+    """
+
+    def __init__(self, *, dsn: str, threads: int = 2, metrics: Metrics | None = None,
+                 copy_threshold: int = COPY_THRESHOLD, backoff_start: float = db.BACKOFF_START_S,
+                 backoff_max: float = db.BACKOFF_MAX_S, stop: threading.Event | None = None) -> None:
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        self._dsn = dsn
+        self._threads = threads
+        self._metrics = metrics
+        self._copy_threshold = copy_threshold
+        self._backoff_start = backoff_start
+        self._backoff_max = backoff_max
+        self._stop = stop if stop is not None else threading.Event()
+        self._local = threading.local()
+        self._conns: dict[threading.Thread, Any] = {}  # every open connection, for close()
+        self._lock = threading.Lock()  # guards _conns, _workers, _closing, _started
+        self._workers: list[threading.Thread] = []
+        self._worker_ids = itertools.count(1)
+        self._queue: SimpleQueue[_Job | None] = SimpleQueue()
+        self._started = self._closing = self._closed = self._aborting = False
+        # cancel_retries() bumps the generation; jobs of older generations stop retrying.
+        self._generation = 0
+        self._cancel = threading.Condition()
+        self._unfinished = 0  # submitted jobs whose future is not resolved yet
+        self._idle = threading.Condition()
+        self._healthy = False
+        self._last_error: str | None = "no PostgreSQL write or ping yet"
+        self._last_success = 0.0
+
+    # --- state for /readyz -------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """True when the last write attempt or ping reached the database."""
+        return self._healthy
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last attempt failed (redacted), None after a success."""
+        return self._last_error
+
+    @property
+    def last_success(self) -> float:
+        """``time.time()`` of the last commit (0.0 before the first)."""
+        return self._last_success
+
+    # --- public API ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker threads; each opens its connection on its first batch."""
+        with self._lock:
+            if self._started:
+                return
+            if self._closing:
+                raise RuntimeError("writer is closed")
+            self._started = True
+            for _ in range(self._threads):
+                self._spawn_worker()
+
+    def write(self, records: Sequence[Record]) -> list[WriteResult]:
+        """One attempt, in the caller's thread: one result per record, in order."""
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        results, reason = self._attempt(records)
+        if reason is not None:
+            log.warning("PostgreSQL write failed, %d of %d records not written: %s",
+                        _transient_count(results), len(results), reason)
+        return results
+
+    def submit(self, records: Sequence[Record]) -> Future[list[WriteResult]]:
+        """Queue a batch for a worker thread; the future resolves with the per-record results."""
+        self.start()
+        future: Future[list[WriteResult]] = Future()
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("writer is closed")
+            with self._idle:
+                self._unfinished += 1
+            self._queue.put(_Job(list(records), future, self._generation))
+        return future
+
+    def ping(self) -> None:
+        """``SELECT 1`` on this thread's connection; TransientError when the database is not there."""
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        try:
+            conn = self._connection()
+            with conn, conn.cursor() as cur:
+                cur.execute(PING_SQL)
+        except (psycopg2.Error, TransientError) as exc:
+            reason = str(exc) if isinstance(exc, TransientError) else db.describe(exc)
+            self._discard_connection()
+            self._failed(reason)
+            if self._metrics is not None:
+                self._metrics.postgres_errors.inc()
+            raise TransientError(reason) from exc
+        self._succeeded()
+
+    def cancel_retries(self) -> None:
+        """Jobs already submitted stop retrying and return their transient failures."""
+        with self._cancel:
+            self._generation += 1
+            self._cancel.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Stop accepting, let queued and running jobs finish for up to ``timeout`` seconds,
+        then interrupt what is left and close every connection. True if all jobs finished in time.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._closing = True  # 1. no new jobs
+        finished = self._wait_idle(deadline)  # 2. queued and running jobs finish
+        if not finished:
+            self._abort()  # 3. past the deadline: no retries, statements cancelled
+        stuck = self._stop_workers(max(deadline, time.monotonic()) + ABORT_GRACE_S)  # 4. workers exit
+        self._fail_queued("writer closed before the batch was written")  # 5. jobs nobody took
+        for _ in stuck:
+            self._queue.put(None)  # their markers went with the queue: a stuck worker still ends
+        self._close_connections(keep=stuck)  # 6. what is left (callers' threads)
+        self._closed = True
+        return finished
+
+    # --- one attempt ---------------------------------------------------------------------
+
+    def _attempt(self, records: Sequence[Record]) -> tuple[list[WriteResult], str | None]:
+        """Write once; returns the results and, if the attempt failed transiently, why."""
+        batch = list(records)
+        if not batch:
+            return [], None
+        started = time.perf_counter()
+        settled: list[WriteResult | None] = [None] * len(batch)
+        reason: str | None = None
+        try:
+            self._settle(self._connection(), batch, 0, len(batch), settled)
+        except TransientError as exc:
+            reason = str(exc)
+            self._discard_connection()
+        results = _fill_unsettled(settled, reason)
+        self._account(results, reason, time.perf_counter() - started)
+        return results, reason
+
+    def _settle(self, conn: Any, batch: list[Record], lo: int, hi: int,
+                settled: list[WriteResult | None]) -> None:
+        """Write ``batch[lo:hi]``; on a rejected row, split in halves until it stands alone."""
+        try:
+            settled[lo:hi] = self._insert(conn, batch[lo:hi])
+        except RowRejectedError as exc:
+            if hi - lo == 1:
+                settled[lo] = WriteResult(WriteStatus.FAILED, transient=False, error=str(exc))
+                log.warning("row rejected by PostgreSQL, entry %s: %s", batch[lo].entry_id, exc)
+                return
+            mid = (lo + hi) // 2
+            self._settle(conn, batch, lo, mid, settled)
+            self._settle(conn, batch, mid, hi, settled)
+
+    def _insert(self, conn: Any, batch: list[Record]) -> list[WriteResult]:
+        """One transaction; raises TransientError or RowRejectedError (psycopg2 errors translated)."""
+        try:
+            with conn, conn.cursor() as cur:
+                if len(batch) >= self._copy_threshold:
+                    returned = _copy_insert(cur, batch)
+                else:
+                    returned = _values_insert(cur, batch)
+        except psycopg2.Error as exc:
+            translated = _translate(exc)
+            if translated is None:
+                raise  # not a database verdict on the data or the link: a bug of ours
+            raise translated from exc
+        except orjson.JSONEncodeError as exc:
+            # attributes orjson cannot encode (an integer past 64 bits): that row's own fault
+            raise RowRejectedError(f"attributes cannot be encoded as JSON: {exc}") from exc
+        self._last_success = time.time()
+        if self._metrics is not None:
+            self._metrics.last_write_timestamp.set(self._last_success)
+        return _outcomes(batch, returned)
+
+    def _account(self, results: list[WriteResult], reason: str | None, seconds: float) -> None:
+        """Health, metrics and the per-batch debug line for one attempt."""
+        inserted = sum(1 for r in results if r is INSERTED)
+        duplicates = sum(1 for r in results if r is DUPLICATE)
+        rejected = len(results) - inserted - duplicates - _transient_count(results)
+        if reason is None:
+            self._succeeded()
+        else:
+            self._failed(reason)
+        m = self._metrics
+        if m is not None:
+            m.batch_write_seconds.observe(seconds)
+            m.records_written.labels("inserted").inc(inserted)
+            m.records_written.labels("duplicate").inc(duplicates)
+            m.records_written.labels("failed").inc(rejected)
+            if reason is not None or rejected:
+                m.postgres_errors.inc()
+        log.debug("batch written inserted=%d duplicates=%d failed=%d", inserted, duplicates,
+                  len(results) - inserted - duplicates)
+
+    def _succeeded(self) -> None:
+        self._healthy, self._last_error = True, None
+
+    def _failed(self, reason: str) -> None:
+        self._healthy, self._last_error = False, reason
+
+    # --- connections (one per thread, created in that thread) ----------------------------
+
+    def _connection(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and not conn.closed:
+            return conn
+        conn = _open(self._dsn)
+        self._local.conn = conn
+        with self._lock:
+            self._reap_dead_threads()
+            self._conns[threading.current_thread()] = conn
+        return conn
+
+    def _discard_connection(self) -> None:
+        """Close this thread's connection: never reused after an error."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        with self._lock:
+            self._conns.pop(threading.current_thread(), None)
+        if conn is not None:
+            _close_quietly(conn)
+
+    def _reap_dead_threads(self) -> None:
+        """Close the connections of threads that ended (callers of write() come and go)."""
+        for thread in [t for t in self._conns if not t.is_alive()]:
+            _close_quietly(self._conns.pop(thread))
+
+    def _close_connections(self, keep: Sequence[threading.Thread] = ()) -> None:
+        """Close every connection but those of ``keep``: a thread stuck in a statement holds
+        its connection's lock, and close() would wait on it (the daemon thread dies with the process).
+        """
+        with self._lock:
+            conns = [c for t, c in self._conns.items() if t not in keep]
+            self._conns = {t: c for t, c in self._conns.items() if t in keep}
+        for conn in conns:
+            _close_quietly(conn)
+
+    # --- worker threads ------------------------------------------------------------------
+
+    def _spawn_worker(self) -> None:
+        """Start one worker thread (caller holds ``_lock``)."""
+        thread = threading.Thread(target=self._work, name=f"writer-{next(self._worker_ids)}", daemon=True)
+        self._workers.append(thread)
+        thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                break
+            if not self._run_job(job):
+                return  # this thread died; a replacement has been started
+        self._discard_connection()
+
+    def _run_job(self, job: _Job) -> bool:
+        """Run one job and resolve its future; False if it blew up (the thread is replaced)."""
+        if not job.future.set_running_or_notify_cancel():
+            self._job_done()
+            return True
+        try:
+            results = self._with_retries(job)
+        except BaseException as exc:  # noqa: BLE001 - a bug of ours: report it, keep the pool whole
+            log.exception("writer thread died on a batch of %d records; starting a new one", len(job.records))
+            job.future.set_exception(exc)
+            self._job_done()
+            self._discard_connection()
+            self._replace_worker()
+            return False
+        job.future.set_result(results)
+        self._job_done()
+        return True
+
+    def _replace_worker(self) -> None:
+        with self._lock:
+            self._workers.remove(threading.current_thread())
+            if not self._aborting:
+                self._spawn_worker()
+
+    def _stop_workers(self, until: float) -> list[threading.Thread]:
+        """Send every worker the end-of-work marker and join them; returns those still running."""
+        with self._lock:
+            workers = list(self._workers)
+        for _ in workers:
+            self._queue.put(None)
+        for worker in workers:
+            worker.join(max(0.0, until - time.monotonic()))
+        stuck = [w for w in workers if w.is_alive()]
+        if stuck:
+            log.warning("writer: %d threads still busy after close; left to end with the process", len(stuck))
+        return stuck
+
+    def _with_retries(self, job: _Job) -> list[WriteResult]:
+        """Write the job's records; retry the transient failures with backoff until interrupted."""
+        if self._aborting:
+            return _all_transient(job.records, "writer closed before the batch was written")
+        results, reason = self._attempt(job.records)
+        delay, attempt = self._backoff_start, 1
+        while reason is not None:
+            if self._interrupted(job):
+                log.warning("PostgreSQL write failed (attempt %d), %d records left pending: %s",
+                            attempt, _transient_count(results), reason)
+                return results
+            log.warning("PostgreSQL write failed (attempt %d), retrying %d records in %.1fs: %s",
+                        attempt, _transient_count(results), delay, reason)
+            if not self._pause(delay, job):
+                return results
+            results, reason = self._retry_transient(job.records, results)
+            delay, attempt = min(delay * 2, self._backoff_max), attempt + 1
+        return results
+
+    def _retry_transient(self, records: list[Record], results: list[WriteResult]
+                         ) -> tuple[list[WriteResult], str | None]:
+        """One more attempt for the records that failed transiently; the others keep their result."""
+        again = [i for i, r in enumerate(results) if r.transient]
+        retried, reason = self._attempt([records[i] for i in again])
+        merged = list(results)
+        for i, result in zip(again, retried):
+            merged[i] = result
+        return merged, reason
+
+    def _interrupted(self, job: _Job) -> bool:
+        return self._aborting or self._stop.is_set() or job.generation != self._generation
+
+    def _pause(self, seconds: float, job: _Job) -> bool:
+        """Sleep before a retry; False as soon as the job is interrupted."""
+        end = time.monotonic() + seconds
+        with self._cancel:
+            while not self._interrupted(job):
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    return True
+                self._cancel.wait(min(remaining, STOP_POLL_S))
+        return False
+
+    # --- close() -------------------------------------------------------------------------
+
+    def _job_done(self) -> None:
+        with self._idle:
+            self._unfinished -= 1
+            self._idle.notify_all()
+
+    def _wait_idle(self, deadline: float) -> bool:
+        with self._idle:
+            while self._unfinished > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    def _abort(self) -> None:
+        """Past the deadline: no more attempts, no more retries, running statements cancelled."""
+        log.warning("writer: %d batches still unfinished at the close deadline; cancelling them",
+                    self._unfinished)
+        self._aborting = True
+        self.cancel_retries()
+        with self._lock:
+            conns = list(self._conns.values())
+        for conn in conns:
+            try:
+                conn.cancel()  # the statement ends with QueryCanceled: a transient failure
+            except psycopg2.Error:
+                pass
+
+    def _fail_queued(self, reason: str) -> None:
+        """Resolve jobs that no worker took (workers stuck past the deadline) as transient failures."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except Empty:
+                return
+            if job is None:
+                continue
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_result(_all_transient(job.records, reason))
+            self._job_done()
+
+
+# --- the two insert paths ----------------------------------------------------------------
+
+def _values_insert(cur: Any, batch: list[Record]) -> list[tuple[str, datetime]]:
+    """Small batches: one ``INSERT ... VALUES (...), (...)`` statement."""
+    dumps = orjson.dumps
+    rows = [(p.device_id, p.ts, p.latitude, p.longitude, p.altitude, p.angle, p.speed, p.satellites,
+             p.priority, p.event_id, dumps(p.attributes).decode() if p.attributes else "{}")
+            for p in [r.position for r in batch]]
+    try:
+        return psycopg2.extras.execute_values(cur, VALUES_SQL, rows, page_size=len(rows), fetch=True)
+    except ValueError as exc:
+        # psycopg2 refuses to quote a string holding NUL; COPY fails the same row on the server.
+        raise RowRejectedError(str(exc)) from exc
+
+
+def _copy_insert(cur: Any, batch: list[Record]) -> list[tuple[str, datetime]]:
+    """Large batches: COPY into the staging table, then one ``INSERT ... SELECT`` in batch order."""
+    data = _copy_text(batch)
+    cur.copy_expert(COPY_SQL, io.BytesIO(data), size=max(len(data), 1))
+    cur.execute(FROM_STAGE_SQL)
+    return cur.fetchall()
+
+
+def _copy_text(batch: list[Record]) -> bytes:
+    """The batch in COPY text format: tab-separated, ``\\N`` for NULL, backslash escapes.
+
+    Hot and Python-bound, so it is one loop with everything inlined: device ids
+    are nearly always IMEIs (``isalnum`` skips escaping them), floats go out by
+    ``repr`` (exact round trip), and orjson's JSON never holds a raw tab, newline
+    or carriage return, so attributes only need their backslashes doubled.
+    """
+    dumps = orjson.dumps
+    null = "\\N"
+    lines = []
+    append = lines.append
+    for seq, record in enumerate(batch):
+        p = record.position
+        device = p.device_id
+        if not device.isalnum():
+            device = _escape(device)
+        attrs = dumps(p.attributes).decode() if p.attributes else "{}"
+        if "\\" in attrs:
+            attrs = attrs.replace("\\", "\\\\")
+        altitude, angle, speed = p.altitude, p.angle, p.speed
+        satellites, priority, event_id = p.satellites, p.priority, p.event_id
+        append(f"{seq}\t{device}\t{p.ts.isoformat()}\t{p.latitude!r}\t{p.longitude!r}\t"
+               f"{null if altitude is None else repr(altitude)}\t"
+               f"{null if angle is None else repr(angle)}\t"
+               f"{null if speed is None else repr(speed)}\t"
+               f"{null if satellites is None else satellites}\t"
+               f"{null if priority is None else priority}\t"
+               f"{null if event_id is None else event_id}\t{attrs}\n")
+    return "".join(lines).encode()
+
+
+def _escape(text: str) -> str:
+    """A value for COPY text format: backslash, tab, newline and carriage return escaped."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _outcomes(batch: list[Record], returned: list[tuple[str, datetime]]) -> list[WriteResult]:
+    """INSERTED for the records whose key came back from RETURNING, DUPLICATE for the others.
+
+    When every record came back, all are new: a key twice in the batch would
+    have returned fewer rows, so no per-row mapping is needed.
+    """
+    if len(returned) == len(batch):
+        return [INSERTED] * len(batch)
+    inserted = set(returned)
+    results = []
+    for record in batch:
+        key = (record.position.device_id, _as_utc(record.position.ts))
+        if key in inserted:
+            inserted.discard(key)  # a later record with the same key is the duplicate
+            results.append(INSERTED)
+        else:
+            results.append(DUPLICATE)
+    return results
+
+
+def _as_utc(ts: datetime) -> datetime:
+    """Naive timestamps are stored as UTC (the session time zone): compare them so."""
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=timezone.utc)
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+def _open(dsn: str) -> Any:
+    """A new connection with its session set up (time zone, staging table); TransientError if not."""
+    conn = db.connect(dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(SESSION_SQL)
+    except psycopg2.Error as exc:
+        _close_quietly(conn)
+        raise TransientError(db.describe(exc)) from exc
+    log.debug("writer connection opened in %s", threading.current_thread().name)
+    return conn
+
+
+def _translate(exc: psycopg2.Error) -> TransientError | RowRejectedError | None:
+    """Our error for a psycopg2 one; None when it is neither (then it is a bug of ours)."""
+    kind = db.classify(exc)
+    if kind is TransientError:
+        return TransientError(db.describe(exc))
+    if kind is RowRejectedError:
+        return RowRejectedError(_row_message(exc))
+    return None
+
+
+def _row_message(exc: psycopg2.Error) -> str:
+    """The database's one-line message (names the constraint for a check violation)."""
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None)
+    return redact(" ".join(primary.split())) if primary else db.describe(exc)
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except psycopg2.Error:
+        pass
+
+
+def _fill_unsettled(settled: list[WriteResult | None], reason: str | None) -> list[WriteResult]:
+    """Records a transient failure left unsettled fail with ``transient=True``."""
+    if reason is None:
+        return settled  # type: ignore[return-value]  # every slot was filled
+    failed = WriteResult(WriteStatus.FAILED, transient=True, error=reason)
+    return [r if r is not None else failed for r in settled]
+
+
+def _all_transient(records: Sequence[Record], reason: str) -> list[WriteResult]:
+    return [WriteResult(WriteStatus.FAILED, transient=True, error=reason)] * len(records)
+
+
+def _transient_count(results: list[WriteResult]) -> int:
+    return sum(1 for r in results if r.transient)
