@@ -37,7 +37,7 @@ FULL = (
 )
 
 
-def entry(payload: Any, **extra: bytes) -> dict[bytes, Any]:
+def entry(payload: Any, **extra: bytes) -> Any:
     """Stream entry fields as redis-py gives them (bytes keys and values)."""
     if isinstance(payload, dict):
         payload = orjson.dumps(payload)
@@ -67,12 +67,13 @@ def raw_with(field: str, json_text: str) -> bytes:
     return orjson.dumps(doc)[:-1] + f',"{field}":{json_text}}}'.encode()
 
 
-def assert_rejected(result: Position | Rejection, reason: str, detail: str | None = None) -> None:
+def assert_rejected(result: Position | Rejection, reason: str, detail: str | None = None) -> Rejection:
     assert isinstance(result, Rejection), result
     assert result.reason == reason, result
     assert 0 < len(result.detail) <= 200
     if detail is not None:
         assert result.detail == detail
+    return result
 
 
 def accepted(result: Position | Rejection) -> Position:
@@ -142,7 +143,8 @@ def test_integer_coordinates_are_stored_as_float() -> None:
 
 def test_payload_as_str_is_accepted() -> None:
     # A client built with decode_responses=True gives str keys and values.
-    result = Decoder().decode({"payload": orjson.dumps(VALID).decode()}, now=NOW)
+    str_fields: Any = {"payload": orjson.dumps(VALID).decode()}
+    result = Decoder().decode(str_fields, now=NOW)
     assert accepted(result).device_id == "356307042441013"
 
 
@@ -173,7 +175,8 @@ def test_limit_counts_bytes_not_characters() -> None:
     doc = with_(device_id="é" * 20)  # 20 characters, 40 bytes
     raw = orjson.dumps(doc)
     assert_rejected(Decoder(max_payload_bytes=len(raw) - 1).decode(entry(raw), now=NOW), types.TOO_LARGE)
-    assert_rejected(Decoder(max_payload_bytes=len(raw) - 1).decode({"payload": raw.decode()}, now=NOW),
+    str_fields: Any = {"payload": raw.decode()}
+    assert_rejected(Decoder(max_payload_bytes=len(raw) - 1).decode(str_fields, now=NOW),
                     types.TOO_LARGE)
 
 
@@ -211,8 +214,7 @@ def test_field_count_limit(count: int, reason: str | None) -> None:
     b'{"device_id": "a\x00b"}', b'{"device_id": "a\x01b"}',
 ], ids=lambda raw: repr(raw[:40]))
 def test_invalid_json(raw: bytes) -> None:
-    result = decode(raw)
-    assert_rejected(result, types.INVALID_JSON)
+    result = assert_rejected(decode(raw), types.INVALID_JSON)
     assert result.detail.startswith("payload is not valid JSON: ")
 
 
@@ -228,7 +230,8 @@ def test_payload_of_a_strange_type_is_invalid_type(payload: Any) -> None:
 
 
 def test_payload_with_lone_surrogate_str_is_invalid_json() -> None:
-    assert_rejected(Decoder().decode({"payload": '{"device_id": "\ud800"}'}, now=NOW), types.INVALID_JSON)
+    str_fields: Any = {"payload": '{"device_id": "\ud800"}'}
+    assert_rejected(Decoder().decode(str_fields, now=NOW), types.INVALID_JSON)
 
 
 # -- nul_character -----------------------------------------------------------------------------
@@ -288,8 +291,7 @@ def test_required_field_absent_or_null_is_missing_field(field: str, how: str) ->
     ("attributes", []), ("attributes", "x"), ("attributes", 1), ("attributes", True),
 ], ids=lambda v: repr(v)[:30])
 def test_wrong_json_type_is_invalid_type(field: str, value: Any) -> None:
-    result = decode(with_(**{field: value}))
-    assert_rejected(result, types.INVALID_TYPE)
+    result = assert_rejected(decode(with_(**{field: value})), types.INVALID_TYPE)
     assert result.detail.startswith(f"{field}: expected ")
 
 
@@ -316,8 +318,7 @@ def test_attributes_that_are_a_sentinel_are_invalid_type(attributes: dict[str, A
     ("event_id", -1), ("event_id", 2147483648), ("event_id", 18446744073709551615),
 ], ids=lambda v: repr(v)[:30])
 def test_out_of_range(field: str, value: Any) -> None:
-    result = decode(with_(**{field: value}))
-    assert_rejected(result, types.OUT_OF_RANGE)
+    result = assert_rejected(decode(with_(**{field: value})), types.OUT_OF_RANGE)
     assert result.detail.startswith(f"{field}: ")
 
 
@@ -452,10 +453,8 @@ def test_device_id_round_trips_exactly(device_id: str) -> None:
 
 
 def test_long_device_id_detail_is_bounded() -> None:
-    result = decode(with_(device_id="\x01" + "y" * 50_000))
-    assert_rejected(result, types.INVALID_DEVICE_ID, "device_id has 50001 characters, not 1-64")
-    result = decode(with_(device_id="\x01" + "y" * 60))
-    assert_rejected(result, types.INVALID_DEVICE_ID)
+    result = assert_rejected(decode(with_(device_id="\x01" + "y" * 50_000)), types.INVALID_DEVICE_ID, "device_id has 50001 characters, not 1-64")
+    result = assert_rejected(decode(with_(device_id="\x01" + "y" * 60)), types.INVALID_DEVICE_ID)
     assert "y" * 70 not in result.detail
 
 
@@ -596,8 +595,7 @@ def test_attributes_1000_deep_are_too_large_quickly() -> None:
 @pytest.mark.parametrize("opener,closer", [('{"k":', "}"), ("[", "]")])
 def test_nesting_beyond_orjson_limit_is_invalid_json(opener: str, closer: str) -> None:
     raw = raw_with("attributes", '{"k":' + opener * 5000 + "1" + closer * 5000 + "}")
-    result = decode(raw)
-    assert_rejected(result, types.INVALID_JSON)
+    result = assert_rejected(decode(raw), types.INVALID_JSON)
     assert "depth limit exceeded" in result.detail
 
 

@@ -7,6 +7,7 @@ reproduces exactly (the failing case index and payload are in the assertion mess
 
 from __future__ import annotations
 
+import base64
 import logging
 import random
 import re
@@ -68,11 +69,10 @@ def random_sentinel(rng: random.Random, depth: int) -> dict[str, Any]:
                              "12a", "", "-", "+1", " 1", "0" * 5 + "42"])
         return {"__bigint": digits if rng.random() < 0.9 else random_value(rng, depth + 1)}
     if kind == 1:
-        import base64
-        data = base64.b64encode(rng.randbytes(rng.randint(0, 12))).decode()
+        text = base64.b64encode(rng.randbytes(rng.randint(0, 12))).decode()
         if rng.random() < 0.3:
-            data = data[: rng.randint(0, len(data))] + rng.choice(["", "=", " ", "\n", "_", "é"])
-        return {"__buffer": data if rng.random() < 0.9 else random_value(rng, depth + 1)}
+            text = text[: rng.randint(0, len(text))] + rng.choice(["", "=", " ", "\n", "_", "é"])
+        return {"__buffer": text if rng.random() < 0.9 else random_value(rng, depth + 1)}
     if kind == 2:
         data: Any = [rng.randint(0, 255) for _ in range(rng.randint(0, 8))]
         if rng.random() < 0.3:

@@ -242,7 +242,7 @@ class Decoder:
                         satellites, priority, event_id, _attributes(doc))
 
     def _timestamp(self, doc: dict[str, Any], now: float) -> datetime:
-        value = doc.get("timestamp")
+        value: Any = doc.get("timestamp")
         kind = type(value)
         if kind is str:
             ts = _iso_timestamp(value)
@@ -329,7 +329,7 @@ def _has_nul(value: Any) -> bool:
 # -- fields --------------------------------------------------------------------------
 
 def _device_id(doc: dict[str, Any]) -> str:
-    value = doc.get("device_id")
+    value: Any = doc.get("device_id")
     if type(value) is not str:
         if value is None:
             raise _Invalid(MISSING_FIELD, "device_id is missing")
@@ -371,42 +371,34 @@ def _is_int64_overflow(value: float) -> bool:
 
 
 def _coordinate(doc: dict[str, Any], field: str, bound: float) -> float:
-    value = doc.get(field)
+    value: Any = doc.get(field)
     kind = type(value)
-    if kind is not float:
-        if kind is not int:
-            if value is None:
-                raise _Invalid(MISSING_FIELD, f"{field} is missing")
-            raise _wrong_type(field, "a number", value)
-        if not -bound <= value <= bound:  # compared as an int: float() of a huge one is lossy
-            raise _out_of_range(field, f"{-bound:g}..{bound:g}", value)
-        return float(value)
-    if not -bound <= value <= bound:  # also false for NaN
+    if kind is not float and kind is not int:  # bool is neither
+        if value is None:
+            raise _Invalid(MISSING_FIELD, f"{field} is missing")
+        raise _wrong_type(field, "a number", value)
+    if not -bound <= value <= bound:  # an int is compared exactly; NaN fails too
         raise _out_of_range(field, f"{-bound:g}..{bound:g}", value)
-    return value
+    return float(value)
 
 
 def _real(doc: dict[str, Any], field: str, low: float, high: float, rule: str) -> float | None:
     """An optional number stored in a ``real`` column."""
-    value = doc.get(field)
+    value: Any = doc.get(field)
     kind = type(value)
-    if kind is not float:
+    if kind is not float and kind is not int:
         if value is None:
             return None
-        if kind is not int:
-            raise _wrong_type(field, "a number", value)
-        if not low <= value <= high:
-            raise _out_of_range(field, rule, value)
-        value = float(value)
+        raise _wrong_type(field, "a number", value)
     if not low <= value <= high:
         raise _out_of_range(field, rule, value)
-    if -REAL_MIN < value < REAL_MIN and value != 0.0:
+    if value and -REAL_MIN < value < REAL_MIN:
         raise _out_of_range(field, "non-zero values must be at least 1e-45 in magnitude for a real column", value)
-    return value
+    return float(value)
 
 
 def _integer(doc: dict[str, Any], field: str, low: int, high: int) -> int | None:
-    value = doc.get(field)
+    value: Any = doc.get(field)
     if type(value) is not int:
         if value is None:
             return None
@@ -424,7 +416,7 @@ _PLAIN: Final = object()  # marks "not a sentinel: an ordinary object"
 
 
 def _attributes(doc: dict[str, Any]) -> dict[str, Any] | None:
-    value = doc.get("attributes")
+    value: Any = doc.get("attributes")
     if type(value) is not dict:
         if value is None:
             return None
