@@ -35,10 +35,12 @@ COPY . .
 # Installed too (no dependencies: they are above) for the `telemetry-processor`
 # command and the package metadata. `python processor.py` imports /app/processor,
 # the same code. The code is compiled here because /app stays read-only to the
-# service user, which could not write __pycache__ at run time.
+# service user, which could not write __pycache__ at run time; chmod because
+# COPY keeps the checkout's modes, which a umask of 077 would make root-only.
 RUN pip install --no-deps . \
  && rm -rf build ./*.egg-info \
- && python -m compileall -q processor processor.py
+ && python -m compileall -q processor processor.py \
+ && chmod -R a+rX,go-w /app
 
 # Root owns /app; the service only reads it.
 USER 10001:10001

@@ -341,7 +341,8 @@ def test_workflow_steps(workflow: dict) -> None:
     checkout = next(i for i, step in enumerate(steps) if str(step.get("uses", "")).startswith("actions/checkout@"))
     apt = index(lambda line: "postgresql-15" in line)
     apt_text = runs[apt]
-    for package in ("postgresql-15", "redis-server", "prometheus", "python3-venv", "make"):
+    for package in ("postgresql-15", "redis-server", "prometheus", "python3-venv", "make", "openssl",
+                    "systemd"):
         assert re.search(rf"(^|\s){re.escape(package)}(\s|$)", apt_text), package
     install = index(lambda line: line == "make venv" or (".[test]" in line and "pip install" in line))
     test = index(lambda line: line == "make test")
