@@ -23,6 +23,7 @@ import venv
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import psycopg2
@@ -37,6 +38,11 @@ DEFAULTS = Config()
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+def run(args: list[str], *, timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion; the caller asserts on its status and output."""
+    return subprocess.run(args, check=False, capture_output=True, text=True, timeout=timeout, **kwargs)
+
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     """(KEYWORD, arguments) per instruction, continuation lines joined, comments dropped."""
@@ -107,7 +113,7 @@ class _HealthServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 code = owner.status if self.path == "/healthz" else 404
                 self.send_response(code)
                 self.end_headers()
@@ -120,7 +126,7 @@ class _HealthServer:
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "_HealthServer":
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -133,8 +139,7 @@ class _HealthServer:
 def run_healthcheck(command: list[str], port: int) -> int:
     assert command[0] == "python", command
     env = {"PATH": os.environ.get("PATH", ""), "METRICS_PORT": str(port)}
-    result = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=30)
-    return result.returncode
+    return run([sys.executable, *command[1:]], env=env, timeout=30).returncode
 
 
 def assert_healthcheck_behaves(command: list[str]) -> None:
@@ -171,23 +176,25 @@ def test_dockerfile_base_workdir_user_and_runtime(dockerfile: list[tuple[str, st
     assert keywords.index("USER") > max(i for i, kw in enumerate(keywords) if kw == "RUN")
 
 
-def test_dockerfile_installs_dependencies_before_copying_the_source(dockerfile: list[tuple[str, str]]) -> None:
+def test_dockerfile_installs_dependencies_before_the_source(dockerfile: list[tuple[str, str]]) -> None:
     steps = [(kw, args) for kw, args in dockerfile if kw in ("COPY", "RUN")]
     copies = [args for kw, args in steps if kw == "COPY"]
     assert copies[0] == "pyproject.toml ./", "only pyproject.toml before the dependency layer"
     assert copies[1:] == [". ."], "then the source, once"
     deps_at = next(i for i, (kw, args) in enumerate(steps) if kw == "RUN" and "pip install -r" in args)
     source_at = next(i for i, (kw, args) in enumerate(steps) if kw == "COPY" and args.split()[0] == ".")
-    install_at = next(i for i, (kw, args) in enumerate(steps) if kw == "RUN" and "pip install --no-deps ." in args)
+    install_at = next(i for i, (kw, args) in enumerate(steps)
+                      if kw == "RUN" and "pip install --no-deps ." in args)
     assert 0 < deps_at < source_at < install_at
 
 
 def test_dockerfile_dependency_list_is_exactly_pyprojects(dockerfile: list[tuple[str, str]]) -> None:
     """Run the Dockerfile's own one-liner: it must print the [project] dependencies, one a line."""
-    run = next(args for kw, args in dockerfile if kw == "RUN" and "tomllib" in args)
-    code = re.search(r'python -c "([^"]+)"', run).group(1)
-    printed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                             check=True, timeout=30).stdout.splitlines()
+    step = next(args for kw, args in dockerfile if kw == "RUN" and "tomllib" in args)
+    code = re.search(r'python -c "([^"]+)"', step).group(1)
+    result = run([sys.executable, "-c", code], cwd=ROOT, timeout=30)
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.splitlines()
     with open(ROOT / "pyproject.toml", "rb") as f:
         expected = tomllib.load(f)["project"]["dependencies"]
     assert printed == expected
@@ -226,8 +233,8 @@ def _in_context(rel: str, rules: list[tuple[bool, str]]) -> bool:
 
 def test_dockerignore_sends_the_runtime_files_and_nothing_else() -> None:
     rules = _dockerignore_rules()
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.split()
+    tracked = run(["git", "ls-files"], cwd=ROOT, timeout=30).stdout.split()
+    assert "processor/cli.py" in tracked
     for needed in ("pyproject.toml", "processor.py", "schema.sql", "processor/__init__.py",
                    "processor/cli.py", "processor/schema.sql", "processor/core/config.py"):
         assert _in_context(needed, rules), needed
@@ -338,7 +345,8 @@ def test_workflow_steps(workflow: dict) -> None:
     def index(predicate) -> int:
         return next(i for i, step_lines in enumerate(lines) if any(predicate(line) for line in step_lines))
 
-    checkout = next(i for i, step in enumerate(steps) if str(step.get("uses", "")).startswith("actions/checkout@"))
+    checkout = next(i for i, step in enumerate(steps)
+                    if str(step.get("uses", "")).startswith("actions/checkout@"))
     apt = index(lambda line: "postgresql-15" in line)
     apt_text = runs[apt]
     for package in ("postgresql-15", "redis-server", "prometheus", "python3-venv", "make", "openssl",
@@ -349,7 +357,7 @@ def test_workflow_steps(workflow: dict) -> None:
     build = index(lambda line: line.endswith("python -m build"))
     assert apt < install and checkout < install < test < build
     makefile = (ROOT / "Makefile").read_text()
-    assert re.search(r"^test:", makefile, re.M) and re.search(r"pip install .*'\.\[test\]'", makefile)
+    assert re.search(r"^test:", makefile, re.MULTILINE) and re.search(r"pip install .*'\.\[test\]'", makefile)
 
 
 def test_workflow_runs_the_readme_test_command() -> None:
@@ -397,7 +405,7 @@ def _verifiable_unit(tmp_path: Path, extra: str = "") -> Path:
     true = shutil.which("true")
     assert true
     text = UNIT.read_text()
-    rewritten = re.sub(r"^ExecStart=\S+", f"ExecStart={true}", text, count=1, flags=re.M)
+    rewritten = re.sub(r"^ExecStart=\S+", f"ExecStart={true}", text, count=1, flags=re.MULTILINE)
     assert rewritten != text
     path = tmp_path / UNIT.name
     path.write_text(rewritten + extra)
@@ -406,8 +414,7 @@ def _verifiable_unit(tmp_path: Path, extra: str = "") -> Path:
 
 def _verify(path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""}
-    return subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True,
-                          timeout=60, env=env)
+    return run(["systemd-analyze", "verify", str(path)], env=env, timeout=60)
 
 
 needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
@@ -426,9 +433,9 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 
 @needs_systemd_analyze
 def test_unit_sandbox_exposure_is_low(tmp_path: Path) -> None:
-    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager",
-                             str(_verifiable_unit(tmp_path))], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "SYSTEMD_LOG_COLOR": "0"})
+    unit = _verifiable_unit(tmp_path)
+    result = run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+                 env={**os.environ, "SYSTEMD_LOG_COLOR": "0"}, timeout=60)
     if "--offline" in result.stderr and result.returncode != 0:
         pytest.skip(f"systemd-analyze security --offline is not supported here: {result.stderr.strip()}")
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
@@ -459,8 +466,8 @@ def test_cron_line() -> None:
     assert len(schedule) == 5 and all(CRON_FIELD.match(f) for f in schedule), schedule
     assert schedule == ["*/5", "*", "*", "*", "*"]
     assert user == "telemetry"
-    assert "/opt/telemetry-processor/.venv/bin/telemetry-processor replay --min-idle-ms 300000 --limit 50000" \
-        in command
+    program = "/opt/telemetry-processor/.venv/bin/telemetry-processor"
+    assert f"{program} replay --min-idle-ms 300000 --limit 50000" in command
     assert ". /etc/telemetry-processor/env" in command
     assert "| logger -t " in command
     assert "%" not in command, "cron turns % into a newline"
@@ -489,7 +496,7 @@ def test_cron_command_loads_the_env_file_and_logs_the_outcome(tmp_path: Path) ->
         command = command.replace(old, new)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
-    out = subprocess.run(["/bin/sh", "-c", command], env=env, capture_output=True, text=True, timeout=30)
+    out = run(["/bin/sh", "-c", command], env=env, timeout=30)
     assert out.returncode == 0
     assert out.stdout.splitlines() == [
         "args: replay --min-idle-ms 300000 --limit 50000",
@@ -503,8 +510,7 @@ def test_cron_command_loads_the_env_file_and_logs_the_outcome(tmp_path: Path) ->
     lock = next(tmp_path.glob("*.lock"))
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        skipped = subprocess.run(["/bin/sh", "-c", command], env=env, capture_output=True, text=True,
-                                 timeout=30)
+        skipped = run(["/bin/sh", "-c", command], env=env, timeout=30)
     assert (skipped.returncode, skipped.stdout) == (0, "")
 
 
@@ -542,8 +548,7 @@ def test_env_example_defaults_are_the_real_defaults() -> None:
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    result = subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)],
-                            capture_output=True, text=True, timeout=600)
+    result = run([sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)], timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return out
 
@@ -558,7 +563,7 @@ def test_build_makes_an_sdist_and_a_wheel_with_the_schema(dist: Path) -> None:
         assert {"processor/schema.sql", "processor/cli.py", "processor/core/db.py"} <= names
         assert wheel.read("processor/schema.sql") == (ROOT / "processor" / "schema.sql").read_bytes()
         entry_points = wheel.read(f"telemetry_processor-{__version__}.dist-info/entry_points.txt").decode()
-    assert re.search(r"^telemetry-processor = processor\.cli:main$", entry_points, re.M)
+    assert re.search(r"^telemetry-processor = processor\.cli:main$", entry_points, re.MULTILINE)
 
 
 @pytest.mark.slow
@@ -567,8 +572,8 @@ def test_installed_wheel_runs_version_and_migrate(dist: Path, tmp_path: Path, em
     (wheel,) = dist.glob("*.whl")
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
-    pip = subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q",
-                          "--disable-pip-version-check", str(wheel)], capture_output=True, text=True, timeout=600)
+    pip = run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+               str(wheel)], timeout=600)
     assert pip.returncode == 0, pip.stderr[-2000:]
     program = str(env_dir / "bin" / "telemetry-processor")
     env = {k: v for k, v in os.environ.items()
@@ -576,12 +581,10 @@ def test_installed_wheel_runs_version_and_migrate(dist: Path, tmp_path: Path, em
     workdir = tmp_path / "run"
     workdir.mkdir()
 
-    version = subprocess.run([program, "--version"], cwd=workdir, env=env, capture_output=True, text=True,
-                             timeout=60)
+    version = run([program, "--version"], cwd=workdir, env=env, timeout=60)
     assert (version.returncode, version.stdout.strip()) == (0, f"telemetry-processor {__version__}")
 
-    migrate = subprocess.run([program, "migrate"], cwd=workdir, env={**env, "POSTGRES_URL": empty_pg_url},
-                             capture_output=True, text=True, timeout=120)
+    migrate = run([program, "migrate"], cwd=workdir, env={**env, "POSTGRES_URL": empty_pg_url}, timeout=120)
     assert migrate.returncode == 0, migrate.stderr[-2000:]
     conn = psycopg2.connect(empty_pg_url)
     try:
