@@ -99,8 +99,11 @@ class Service:
         def attempt() -> bool:
             conn = db.connect(self.config.postgres_url)
             try:
+                log.info("Postgres connected")
                 if self.config.migrate_on_start:
                     db.migrate(conn)
+                else:
+                    log.info("migrations skipped (MIGRATE_ON_START=false)")
             finally:
                 conn.close()
             return True
@@ -108,7 +111,6 @@ class Service:
         ok = db.retry("connect to PostgreSQL", attempt, stop=self.stop_event, tick=self.health.turned,
                       on_error=lambda exc: self.metrics.postgres_errors.inc())
         if ok:
-            log.info("Postgres connected")
             self.health.postgres_result(None)
         return bool(ok)
 
