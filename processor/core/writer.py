@@ -10,7 +10,7 @@ A batch goes one of two ways, with identical results:
 - otherwise: ``COPY`` (text format) into a per-connection TEMP staging table, then
   ``INSERT ... SELECT ... ORDER BY seq``, in one transaction. COPY skips the
   per-value SQL quoting and the server's parsing of a huge statement, which
-  wins once batches are large (bench/micro_writer.py; docs/performance.md).
+  wins once batches are large (measured by bench/micro_writer.py).
 
 Errors are classified where they enter (:func:`processor.core.db.classify`):
 transient ones fail the whole attempt and the connection is replaced; a row the
@@ -21,8 +21,9 @@ Metrics (decided here): ``records_written_total{status}`` counts every settled
 outcome of a write attempt, i.e. ``inserted``, ``duplicate``, and ``failed`` for
 rows the database rejected. Transient failures are not counted as ``failed``
 (the records stay pending and come back); they show in
-``postgres_errors_total``, which grows by one per write attempt or ping that
-hit any database error (one per attempt, however many halves a split tried).
+``postgres_errors_total``, which grows by one per write attempt that hit any
+database error (one per attempt, however many halves a split tried). A failed
+ping() is not counted here: its caller counts it (core.monitor does).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -195,15 +197,12 @@ class Writer:
         if self._closed:
             raise RuntimeError("writer is closed")
         try:
-            conn = self._connection()
-            with conn, conn.cursor() as cur:
+            with _transaction(self._connection()) as cur:
                 cur.execute(PING_SQL)
         except (psycopg2.Error, TransientError) as exc:
             reason = str(exc) if isinstance(exc, TransientError) else db.describe(exc)
             self._discard_connection()
             self._failed(reason)
-            if self._metrics is not None:
-                self._metrics.postgres_errors.inc()
             raise TransientError(reason) from exc
         self._succeeded()
 
@@ -267,7 +266,7 @@ class Writer:
     def _insert(self, conn: Any, batch: list[Record]) -> list[WriteResult]:
         """One transaction; raises TransientError or RowRejectedError (psycopg2 errors translated)."""
         try:
-            with conn, conn.cursor() as cur:
+            with _transaction(conn) as cur:
                 if len(batch) >= self._copy_threshold:
                     returned = _copy_insert(cur, batch)
                 else:
@@ -580,13 +579,31 @@ def _open(dsn: str) -> Any:
     """A new connection with its session set up (time zone, staging table); TransientError if not."""
     conn = db.connect(dsn)
     try:
-        with conn, conn.cursor() as cur:
+        with _transaction(conn) as cur:
             cur.execute(SESSION_SQL)
     except psycopg2.Error as exc:
         _close_quietly(conn)
         raise TransientError(db.describe(exc)) from exc
     log.debug("writer connection opened in %s", threading.current_thread().name)
     return conn
+
+
+@contextmanager
+def _transaction(conn: Any) -> Iterator[Any]:
+    """A cursor in a transaction: commit on success, roll back on error, cursor closed.
+
+    Unlike ``with conn:``, a rollback that fails (the connection is gone) does not
+    hide the error that caused it: that one is what gets classified and reported.
+    """
+    cur = conn.cursor()
+    try:
+        yield cur
+        cur.close()
+        conn.commit()
+    except BaseException:
+        _quietly(cur.close)
+        _quietly(conn.rollback)
+        raise
 
 
 def _translate(exc: psycopg2.Error) -> TransientError | RowRejectedError | None:
@@ -607,8 +624,13 @@ def _row_message(exc: psycopg2.Error) -> str:
 
 
 def _close_quietly(conn: Any) -> None:
+    _quietly(conn.close)
+
+
+def _quietly(action: Callable[[], object]) -> None:
+    """Clean-up on a connection that may already be broken: its error would only hide the real one."""
     try:
-        conn.close()
+        action()
     except psycopg2.Error:
         pass
 
