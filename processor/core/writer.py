@@ -497,10 +497,12 @@ def _values_insert(cur: Any, batch: list[Record]) -> list[tuple[str, datetime]]:
              p.priority, p.event_id, dumps(p.attributes).decode() if p.attributes else "{}")
             for p in [r.position for r in batch]]
     try:
-        return psycopg2.extras.execute_values(cur, VALUES_SQL, rows, page_size=len(rows), fetch=True)
+        returned: list[tuple[str, datetime]] = psycopg2.extras.execute_values(
+            cur, VALUES_SQL, rows, page_size=len(rows), fetch=True)
     except ValueError as exc:
         # psycopg2 refuses to quote a string holding NUL; COPY fails the same row on the server.
         raise RowRejectedError(str(exc)) from exc
+    return returned
 
 
 def _copy_insert(cur: Any, batch: list[Record]) -> list[tuple[str, datetime]]:
@@ -508,7 +510,8 @@ def _copy_insert(cur: Any, batch: list[Record]) -> list[tuple[str, datetime]]:
     data = _copy_text(batch)
     cur.copy_expert(COPY_SQL, io.BytesIO(data), size=max(len(data), 1))
     cur.execute(FROM_STAGE_SQL)
-    return cur.fetchall()
+    returned: list[tuple[str, datetime]] = cur.fetchall()
+    return returned
 
 
 def _copy_text(batch: list[Record]) -> bytes:
@@ -521,7 +524,7 @@ def _copy_text(batch: list[Record]) -> bytes:
     """
     dumps = orjson.dumps
     null = "\\N"
-    lines = []
+    lines: list[str] = []
     append = lines.append
     for seq, record in enumerate(batch):
         p = record.position
