@@ -82,8 +82,9 @@ class Service:
         if db.retry("create the consumer group", consumer.ensure_group, stop=self.stop_event,
                     tick=self.health.turned) is None:
             return False
-        self.writer = Writer(dsn=cfg.postgres_url, threads=cfg.writer_threads, metrics=self.metrics,
-                             stop=self.stop_event)
+        # No stop event for the writer: on SIGTERM in-flight writes go on retrying until the
+        # shutdown deadline, when stop() cancels the retries.
+        self.writer = Writer(dsn=cfg.postgres_url, threads=cfg.writer_threads, metrics=self.metrics)
         self.writer.start()
         self.pipeline = self._build_pipeline(consumer, self.writer)
         self.monitor = Monitor(consumer=consumer, writer=self.writer, metrics=self.metrics, health=self.health,
@@ -223,7 +224,7 @@ def replay(config: Config, *, min_idle_ms: int, limit: int | None, dry_run: bool
 def _replay_claims(config: Config, consumer: StreamConsumer, client: redis.Redis, summary: ReplaySummary, *,
                    min_idle_ms: int, limit: int | None, stop: threading.Event, page_timeout_s: float) -> None:
     metrics = Metrics(version=__version__)
-    writer = Writer(dsn=config.postgres_url, threads=config.writer_threads, metrics=metrics, stop=stop)
+    writer = Writer(dsn=config.postgres_url, threads=config.writer_threads, metrics=metrics)
     writer.start()
     pipeline = Pipeline(
         consumer=consumer,

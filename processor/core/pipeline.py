@@ -93,6 +93,7 @@ class Pipeline:
         self.inflight: deque[Batch] = deque()
         self._inflight_ids: set[str] = set()
         self._unacked: list[str] = []  # stored or dead-lettered, XACK not yet through
+        self._transient_failures = 0  # records whose write gave up on a transient error (only when stopping)
         self._next_reclaim = time.monotonic() + self.reclaim_every_s
         self._reclaim_cursor = "0-0"
         self._redis_backoff = BACKOFF_START_S
@@ -249,6 +250,7 @@ class Pipeline:
                 duplicate += 1
             else:
                 failed += 1
+                self._transient_failures += result.transient
                 if not result.transient and record.deliveries >= self.max_deliveries:
                     letters.append(DeadLetter(record.entry_id, record.payload, DB_REJECTED,
                                               result.error or "rejected by PostgreSQL", record.deliveries))
@@ -328,7 +330,11 @@ class Pipeline:
     # --- shutdown ---
 
     def drain(self, deadline: float) -> bool:
-        """Wait for in-flight writes and acknowledge them, until ``deadline`` (monotonic). True if all done."""
+        """Wait for in-flight writes and acknowledge them, until ``deadline`` (monotonic).
+
+        True if every one was settled: written or rejected, not given up on a transient error.
+        """
+        self._transient_failures = 0
         while self.inflight and time.monotonic() < deadline:
             self.health.turned()
             self.settle(block_s=min(0.2, max(deadline - time.monotonic(), 0.01)))
@@ -336,7 +342,7 @@ class Pipeline:
             self._flush_acks()
         except (TransientError, StreamGoneError) as exc:
             log.warning("final XACK failed; those entries stay pending and will be written again: %s", exc)
-        return not self.inflight and not self._unacked
+        return not self.inflight and not self._unacked and not self._transient_failures
 
     def left_over(self) -> int:
         """Entries read but not settled (still pending in Redis, so not lost)."""
