@@ -346,7 +346,7 @@ class Pipeline:
 
     def left_over(self) -> int:
         """Entries read but not settled (still pending in Redis, so not lost)."""
-        return sum(len(b.records) for b in self.inflight) + len(self._unacked)
+        return sum(len(b.records) for b in self.inflight) + len(self._unacked) + self._transient_failures
 
     # --- heartbeat ---
 
