@@ -30,7 +30,9 @@ _TRANSIENT_SQLSTATES = {
     "55P03",  # lock_not_available
     "53300",  # too_many_connections
 }
-_TRANSIENT_CLASSES = ("08", "53", "57", "58")  # connection, resources, operator intervention, system
+# connection, resources, operator intervention, system; and 42 (a missing table, column or privilege): no row
+# is at fault there, an operator must fix the database, and until then nothing is acknowledged.
+_TRANSIENT_CLASSES = ("08", "42", "53", "57", "58")
 
 T = TypeVar("T")
 
@@ -45,7 +47,7 @@ def classify(exc: BaseException) -> type[TransientError] | type[RowRejectedError
     if isinstance(exc, (psycopg2.IntegrityError, psycopg2.DataError, psycopg2.InternalError,
                         psycopg2.errors.RaiseException)):
         return RowRejectedError
-    if isinstance(exc, psycopg2.DatabaseError) and code[:2] in ("22", "23", "P0", "42", "XX"):
+    if isinstance(exc, psycopg2.DatabaseError) and code[:2] in ("22", "23", "P0", "XX"):
         # data exceptions, constraint violations, trigger RAISEs: the row's own fault
         return RowRejectedError
     return None
@@ -60,7 +62,9 @@ def describe(exc: BaseException) -> str:
 def connect(dsn: str, *, application_name: str = "telemetry-processor") -> Any:
     """One connection, or :class:`TransientError` (never a traceback for a refused connection)."""
     try:
-        conn = psycopg2.connect(dsn, connect_timeout=CONNECT_TIMEOUT_S, application_name=application_name)
+        # TCP keepalives: a dead network path must fail a running statement, not hang it for ever.
+        conn = psycopg2.connect(dsn, connect_timeout=CONNECT_TIMEOUT_S, application_name=application_name,
+                                keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
     except psycopg2.Error as exc:
         raise TransientError(describe(exc)) from exc
     conn.autocommit = False
