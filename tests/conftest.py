@@ -22,6 +22,10 @@ import psycopg2
 import pytest
 import redis
 
+# Throwaway servers on free ports (initdb/pg_ctl, redis-server), for tests that stop, kill or restart one.
+from tests.servers import (throwaway_postgres, throwaway_postgres_factory,  # noqa: E402,F401
+                           throwaway_redis, throwaway_redis_factory)
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
