@@ -1,0 +1,49 @@
+"""Start-up against servers that are not there yet, and the simulator against a running service."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from tests.helpers import ROOT, ServiceProcess, pending_count, row_count, wait_until
+
+
+def test_postgres_unreachable_at_start_retries_with_growing_delays_then_gets_ready(
+        throwaway_postgres_factory, service_env):
+    server = throwaway_postgres_factory(schema=False)
+    server.stop()
+    env = dict(service_env, POSTGRES_URL=server.url)
+    with ServiceProcess(env) as proc:
+        wait_until(lambda: sum("connect to PostgreSQL failed" in m for m in proc.messages()) >= 4, 30,
+                   message="four failed attempts")
+        server.start()
+        proc.wait_for_log("processor ready", timeout=30)
+        logs = proc.logs()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    attempts = [e for e in logs if "connect to PostgreSQL failed" in e.get("msg", "")]
+    assert all(e["level"] == "warning" for e in attempts)
+    assert all("exc" not in e and "Traceback" not in e["msg"] for e in attempts)  # one line, no traceback
+    delays = [float(re.search(r"retrying in ([\d.]+)s", e["msg"]).group(1)) for e in attempts]
+    assert delays[:4] == [0.5, 1.0, 2.0, 4.0]
+    numbers = [int(re.search(r"attempt (\d+)", e["msg"]).group(1)) for e in attempts]
+    assert numbers == list(range(1, len(numbers) + 1))
+    assert any("migrations applied" in e.get("msg", "") for e in logs)  # the schema came with the server
+
+
+def test_simulate_count_1_gives_one_row_within_a_second(service_env, redis_client, pg_url, keys):
+    with ServiceProcess(service_env) as proc:
+        proc.wait_for_log("processor ready")
+        result = subprocess.run([sys.executable, str(ROOT / "processor.py"), "simulate", "--count", "1"],
+                                env=service_env, cwd=str(ROOT), capture_output=True, text=True, timeout=30)
+        published = time.monotonic()
+        assert result.returncode == 0, result.stderr
+        assert "published 1 positions" in result.stderr
+        wait_until(lambda: row_count(pg_url) == 1, 5)
+        assert time.monotonic() - published < 1.0
+        wait_until(lambda: pending_count(redis_client, keys["stream"], keys["group"]) == 0, 5)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
