@@ -290,6 +290,8 @@ def run_simulation(client: redis.Redis, stream: str, *, devices: int, rate: floa
     Calls ``progress`` about once a second, and once at the end with the overall rate.
     Returns how many positions were published.
     """
+    if rate is not None and not rate > 0:
+        raise ValueError(f"rate must be a positive number of positions a second, got {rate!r}")
     # At a real-time rate each report carries the time it was made; flat out, the reports
     # step by a second from a start far enough back that the last one is about now.
     start_ms = None
