@@ -18,7 +18,12 @@ from typing import Any
 import psycopg2
 import pytest
 
-from processor.devservers import ThrowawayPostgres, ThrowawayRedis, postgres_bindir, redis_server_binary
+from processor.devservers import (
+    ThrowawayPostgres,
+    ThrowawayRedis,
+    postgres_bindir,
+    redis_server_binary,
+)
 
 
 def _missing(what: str) -> None:

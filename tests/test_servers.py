@@ -15,14 +15,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from processor.devservers import ThrowawayPostgres, ThrowawayRedis, free_port, postgres_answers, redis_answers
-from tests import servers
-
-# The fixtures (assigned, not imported, so that test arguments of the same name do not shadow an import).
-throwaway_postgres = servers.throwaway_postgres
-throwaway_postgres_factory = servers.throwaway_postgres_factory
-throwaway_redis = servers.throwaway_redis
-throwaway_redis_factory = servers.throwaway_redis_factory
+from processor.devservers import (
+    ThrowawayPostgres,
+    ThrowawayRedis,
+    free_port,
+    postgres_answers,
+    redis_answers,
+)
 
 # redis-py retries failed connections with backoff by default: a refusal should be quick.
 NO_RETRY = Retry(NoBackoff(), 0)
