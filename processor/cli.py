@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     drd.add_argument("--limit", type=_positive, default=None, help="move at most this many")
     sim = sub.add_parser("simulate", help="publish realistic synthetic positions to the stream")
     sim.add_argument("--devices", type=_positive, default=100, help="number of moving trackers (default 100)")
-    sim.add_argument("--rate", type=float, default=None, help="positions per second (default: as fast as possible)")
-    sim.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    sim.add_argument("--rate", type=_positive_float, default=None, help="positions per second (default: as fast as possible)")
+    sim.add_argument("--duration", type=_positive_float, default=None, help="stop after this many seconds")
     sim.add_argument("--count", type=_positive, default=None, help="stop after this many positions")
     sim.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable fleet")
     return parser
@@ -72,6 +72,16 @@ def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
 
 

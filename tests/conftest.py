@@ -22,7 +22,7 @@ import psycopg2
 import pytest
 import redis
 
-# Throwaway servers on free ports (initdb/pg_ctl, redis-server), for tests that stop, kill or restart one.
+# Throwaway servers on free ports (initdb/postgres, redis-server), for tests that stop, kill or restart one.
 from tests.servers import (throwaway_postgres, throwaway_postgres_factory,  # noqa: E402,F401
                            throwaway_redis, throwaway_redis_factory)
 
