@@ -1,0 +1,136 @@
+"""The README says what the program does: every command, option, variable and make target it names exists."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from processor.cli import build_parser
+from processor.core.config import _SPEC, VARIABLES, Config
+from tests.helpers import ROOT
+
+README = (ROOT / "README.md").read_text()
+# Variables the README may name that are not the service's configuration.
+OTHER_VARIABLES = {"TEST_REDIS_URL", "TEST_POSTGRES_URL", "CI", "POSTGRES_URL", "REDIS_URL", "MAXLEN",
+                   "ON_ERROR_STOP", "SIGTERM", "SIGINT", "TCP", "XADD", "XREADGROUP", "XACK", "XAUTOCLAIM",
+                   "XPENDING", "XINFO", "GROUPS", "COUNT", "BLOCK", "MKSTREAM", "INSERT", "SELECT", "CONFLICT",
+                   "COPY", "NOTICE", "AOF", "WAL", "CPU", "JSON", "URL", "URLS", "TLS", "SQL", "NUL", "UTF",
+                   "HTTP", "LRU", "CREATE", "ROLE", "LOGIN", "PASSWORD", "GRANT", "USAGE", "SCHEMA", "EXTENSION",
+                   "NOTHING", "ORDER", "DESC", "LIMIT", "FROM", "WHERE", "ON", "TO", "BY", "DO", "IN", "OR",
+                   "AND", "NOT", "NULL", "ASC", "TABLE", "PRIMARY", "KEY", "DEFAULT", "TIMESTAMPTZ", "ALTER",
+                   "DROP", "TRUNCATE", "UPDATE", "DELETE", "NEW", "OLD", "ID", "IO", "IMEI", "TCP", "API",
+                   "HEALTHCHECK"}
+
+
+def _fenced_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+
+
+def _command_lines() -> list[list[str]]:
+    """Every `telemetry-processor ...` / `python processor.py ...` invocation in the README, as argv."""
+    found = []
+    texts = _fenced_blocks("sh") + re.findall(r"`((?:telemetry-processor|python processor\.py)[^`]*)`", README)
+    for text in texts:
+        for line in text.splitlines():
+            line = line.strip()
+            for prefix in ("telemetry-processor", "python processor.py"):
+                if line.startswith(prefix):
+                    argv = shlex.split(line[len(prefix):].replace("[", " ").replace("]", " ").replace("|", " "))
+                    found.append(argv)
+    return found
+
+
+def _config_table() -> dict[str, str]:
+    section = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z_]+)` \| (.+?) \|", section, flags=re.MULTILINE)
+    return {name: default.strip() for name, default in rows}
+
+
+def test_the_configuration_table_names_exactly_the_variables_the_loader_reads():
+    assert set(_config_table()) == set(VARIABLES)
+
+
+def test_the_configuration_table_gives_the_loader_defaults():
+    defaults = Config()
+    for name, shown in _config_table().items():
+        field = _SPEC[name][0]
+        if field == "consumer_name":
+            assert shown == "the host name"
+            continue
+        value = getattr(defaults, field)
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, float) and value.is_integer():
+            value = int(value)
+        assert shown == f"`{value}`", name
+
+
+def test_every_variable_named_in_the_readme_exists():
+    named = set(re.findall(r"`([A-Z][A-Z0-9_]{3,})(?:=[^`]*)?`", README))
+    unknown = named - set(VARIABLES) - OTHER_VARIABLES
+    assert not unknown, f"README names variables the program does not read: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("argv", _command_lines(), ids=lambda a: " ".join(a) or "(no arguments)")
+def test_every_command_in_the_readme_parses(argv):
+    # Placeholders (N, R, S) stand for numbers and reasons: give them real values.
+    if "COMMAND" in argv:
+        return  # "python processor.py COMMAND": the generic form
+    concrete = []
+    for a in argv:
+        if a in ("N", "R", "S"):
+            a = "db_rejected" if concrete and concrete[-1] == "--reason" else "10"
+        concrete.append(a)
+    if concrete in (["--version"], ["--help"]):
+        return
+    if concrete[:1] == ["dead-letters"] and len(concrete) >= 3 and concrete[2] in ("list", "redrive"):
+        concrete = concrete[:1] + concrete[2:]  # "list | redrive" written as alternatives
+    build_parser().parse_args(concrete)
+
+
+def test_the_commands_table_matches_the_cli_subcommands():
+    section = README.split("## Commands", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"^\| `telemetry-processor ([a-z-]+)", section, flags=re.MULTILINE))
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    assert named == set(subcommands)
+
+
+def test_every_make_target_in_the_readme_exists():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z-]+):", makefile, flags=re.MULTILINE))
+    named = set(re.findall(r"\bmake ([a-z-]+)", README))
+    assert named and named <= targets, named - targets
+
+
+def test_help_lists_every_variable_and_every_command():
+    result = subprocess.run([sys.executable, str(ROOT / "processor.py"), "--help"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0
+    for name in VARIABLES:
+        assert name in result.stdout, name
+    for command in ("run", "migrate", "replay", "dead-letters", "simulate"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command, options", [
+    ("replay", ["--min-idle-ms", "--limit", "--dry-run"]),
+    ("simulate", ["--devices", "--rate", "--duration", "--count"]),
+])
+def test_subcommand_help_names_the_readme_options(command, options):
+    result = subprocess.run([sys.executable, str(ROOT / "processor.py"), command, "--help"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0
+    for option in options:
+        assert option in result.stdout
+        assert option in README
+
+
+def test_readme_files_it_points_at_exist():
+    for path in re.findall(r"`((?:deploy|docs|bench)/[\w./-]+)`", README) + \
+            re.findall(r"\]\(((?:docs|deploy)/[\w./-]+|CHANGELOG\.md)\)", README):
+        assert (ROOT / path).exists(), path
