@@ -112,8 +112,11 @@ class StreamConsumer:
 
     # --- reading ---
 
-    def read(self, block: bool = True) -> list[Entry]:
-        """The next batch: our own pending entries first, then new ones (blocking up to ``block_ms``)."""
+    def read(self, block_ms: int | None = None) -> list[Entry]:
+        """The next batch: our own pending entries first, then new ones.
+
+        Blocks up to ``block_ms`` (default: the configured BLOCK_MS, never longer) for new entries.
+        """
         if self._pending_cursor is not None:
             entries = self._read_pending()
             if entries:
@@ -122,7 +125,7 @@ class StreamConsumer:
             self._pending_cursor = None
         reply = translate("XREADGROUP", lambda: self.client.xreadgroup(
             self.group, self.consumer, {self.stream: ">"}, count=self.batch_size,
-            block=self.block_ms if block else None))
+            block=min(block_ms, self.block_ms) if block_ms is not None else self.block_ms))
         return [Entry(_id_str(eid), fields) for eid, fields in _entries(reply)]
 
     def _read_pending(self) -> list[Entry]:

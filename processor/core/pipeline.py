@@ -60,12 +60,18 @@ class Totals:
     lost: int = 0
 
 
+# While writes are in flight, reads block at most this long, so that finished batches are
+# acknowledged promptly even when the stream is quiet.
+SETTLE_POLL_MS = 50
+
+
 @dataclass
 class Batch:
     records: list[Record]
     future: Future[list[WriteResult]]
     read_at: float
     ids: list[str] = field(default_factory=list)
+    committed_at: float = 0.0  # wall clock when the writer finished, set from the writer's thread
 
 
 class Pipeline:
@@ -119,7 +125,7 @@ class Pipeline:
             self._flush_acks()
             if time.monotonic() >= self._next_reclaim:
                 self.reclaim_once()
-            entries = self.consumer.read()
+            entries = self.consumer.read(block_ms=SETTLE_POLL_MS if self.inflight else None)
             self.health.redis_result(None)
             self._redis_backoff = BACKOFF_START_S
         except StreamGoneError:
@@ -188,6 +194,7 @@ class Pipeline:
         self.state.update((r.position for r in records), now)
         self.metrics.devices_tracked.set(len(self.state))
         batch = Batch(records, self.writer.submit(records), time.monotonic(), [r.entry_id for r in records])
+        batch.future.add_done_callback(lambda _f, b=batch: setattr(b, "committed_at", self.clock()))
         self._inflight_ids.update(batch.ids)
         self.inflight.append(batch)
         self.metrics.inflight_batches.set(len(self.inflight))
@@ -240,7 +247,7 @@ class Pipeline:
         stored: list[str] = []
         letters: list[DeadLetter] = []
         inserted = duplicate = failed = 0
-        commit_s = self.clock()
+        commit_s = batch.committed_at or self.clock()
         observe = self.metrics.end_to_end_seconds.observe
         for record, result in zip(batch.records, results):
             status = result.status
