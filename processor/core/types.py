@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 # Reason codes of CONTRACT 1.2. A fixed, small set: they are metric label values.
 MISSING_PAYLOAD: Final = "missing_payload"
@@ -30,9 +30,14 @@ REASONS: Final[tuple[str, ...]] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
-    """One GPS position, validated (CONTRACT 1). ``ts`` is timezone-aware UTC."""
+class Position(NamedTuple):
+    """One GPS position, validated (CONTRACT 1). ``ts`` is timezone-aware UTC.
+
+    Immutable and slotted. A NamedTuple rather than a frozen dataclass because one
+    is built per stream entry: construction costs about 0.4 us instead of 2.8 us
+    (a frozen dataclass sets each field through ``object.__setattr__``); see
+    docs/performance.md.
+    """
 
     device_id: str
     ts: datetime
@@ -56,12 +61,12 @@ class Rejection:
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """A consumed stream entry that decoded to a Position.
 
     ``payload`` keeps the original bytes so that a row PostgreSQL rejects can be
     dead-lettered as it arrived; ``deliveries`` is the group's delivery count.
+    A NamedTuple, like :class:`Position`: one is built per entry.
     """
 
     entry_id: str
