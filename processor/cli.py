@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     drd.add_argument("--limit", type=_positive, default=None, help="move at most this many")
     sim = sub.add_parser("simulate", help="publish realistic synthetic positions to the stream")
     sim.add_argument("--devices", type=_positive, default=100, help="number of moving trackers (default 100)")
-    sim.add_argument("--rate", type=_positive_float, default=None, help="positions per second (default: as fast as possible)")
+    sim.add_argument("--rate", type=_positive_float, default=None,
+                     help="positions per second (default: as fast as possible)")
     sim.add_argument("--duration", type=_positive_float, default=None, help="stop after this many seconds")
     sim.add_argument("--count", type=_positive, default=None, help="stop after this many positions")
     sim.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable fleet")

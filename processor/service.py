@@ -21,7 +21,6 @@ from .core.config import Config
 from .core.consumer import StreamConsumer, redis_client, translate
 from .core.deadletter import DeadLetters
 from .core.decode import Decoder
-from .core.errors import TransientError
 from .core.health import Health
 from .core.httpserver import MetricsServer
 from .core.metrics import Metrics

@@ -22,7 +22,7 @@ OTHER_VARIABLES = {"TEST_REDIS_URL", "TEST_POSTGRES_URL", "CI", "POSTGRES_URL", 
                    "HTTP", "LRU", "CREATE", "ROLE", "LOGIN", "PASSWORD", "GRANT", "USAGE", "SCHEMA", "EXTENSION",
                    "NOTHING", "ORDER", "DESC", "LIMIT", "FROM", "WHERE", "ON", "TO", "BY", "DO", "IN", "OR",
                    "AND", "NOT", "NULL", "ASC", "TABLE", "PRIMARY", "KEY", "DEFAULT", "TIMESTAMPTZ", "ALTER",
-                   "DROP", "TRUNCATE", "UPDATE", "DELETE", "NEW", "OLD", "ID", "IO", "IMEI", "TCP", "API",
+                   "DROP", "TRUNCATE", "UPDATE", "DELETE", "NEW", "OLD", "ID", "IO", "IMEI", "API",
                    "HEALTHCHECK"}
 
 

@@ -61,7 +61,8 @@ def translate(what: str, call: Callable[[], T]) -> T:
         raise ProcessorError(f"{what}: {redact(exc)}") from exc
 
 
-def _id_str(entry_id: bytes | str) -> str:
+def _id_str(entry_id: Any) -> str:
+    """An entry id (or name) as redis-py returns it, bytes or str, as str."""
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import redis
 
@@ -77,7 +77,7 @@ class DeadLetters:
 
     def list(self, limit: int = 100, start: str = "-") -> list[StoredDeadLetter]:
         """The oldest ``limit`` dead letters from ``start``."""
-        rows = translate("XRANGE", lambda: self.client.xrange(self.stream, min=start, max="+", count=limit))
+        rows: Any = translate("XRANGE", lambda: self.client.xrange(self.stream, min=start, max="+", count=limit))
         out = []
         for dead_id, fields in rows:
             text = {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items() if k != b"payload"}

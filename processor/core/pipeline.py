@@ -194,11 +194,17 @@ class Pipeline:
         self.state.update((r.position for r in records), now)
         self.metrics.devices_tracked.set(len(self.state))
         batch = Batch(records, self.writer.submit(records), time.monotonic(), [r.entry_id for r in records])
-        batch.future.add_done_callback(lambda _f, b=batch: setattr(b, "committed_at", self.clock()))
+        batch.future.add_done_callback(self._committed_callback(batch))
         self._inflight_ids.update(batch.ids)
         self.inflight.append(batch)
         self.metrics.inflight_batches.set(len(self.inflight))
         return batch
+
+    def _committed_callback(self, batch: Batch) -> Callable[[Future[list[WriteResult]]], None]:
+        """Runs in the writer's thread when the batch is done: note the commit time for end_to_end."""
+        def done(_future: Future[list[WriteResult]]) -> None:
+            batch.committed_at = self.clock()
+        return done
 
     def _settle_unwritable(self, letters: list[DeadLetter], lost: list[str]) -> None:
         """Dead-letter rejections (XADD first), count lost entries, then acknowledge both."""
