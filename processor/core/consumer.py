@@ -8,8 +8,7 @@ connection becomes :class:`TransientError`, a vanished group or stream
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -27,13 +26,19 @@ SOCKET_TIMEOUT_MARGIN_S = 5.0
 CONNECT_TIMEOUT_S = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One stream entry as read. ``fields`` is None when its data is gone (trimmed or deleted)."""
+class Entry(NamedTuple):
+    """One stream entry as read. ``fields`` is None when its data is gone (trimmed or deleted).
+
+    A NamedTuple (immutable, no per-instance dict): one is built per entry read, and a
+    frozen dataclass costs several times as much to build (docs/performance.md).
+    """
 
     entry_id: str
     fields: Mapping[bytes, bytes] | None
     deliveries: int = 1
+
+
+_new_entry = tuple.__new__  # Entry(...) without the Python-level __new__, for the hot read path
 
 
 def redis_client(url: str, *, block_ms: int) -> redis.Redis:
@@ -127,7 +132,9 @@ class StreamConsumer:
         reply = translate("XREADGROUP", lambda: self.client.xreadgroup(
             self.group, self.consumer, {self.stream: ">"}, count=self.batch_size,
             block=min(block_ms, self.block_ms) if block_ms is not None else self.block_ms))
-        return [Entry(_id_str(eid), fields) for eid, fields in _entries(reply)]
+        new = _new_entry
+        return [new(Entry, (eid.decode() if type(eid) is bytes else eid, fields, 1))
+                for eid, fields in _entries(reply)]
 
     def _read_pending(self) -> list[Entry]:
         cursor = self._pending_cursor or "0"
