@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 
 import psycopg2
 import pytest
@@ -226,15 +227,13 @@ def test_log_formatters_mask_message_fields_and_traceback(formatter: logging.For
     try:
         raise RuntimeError(f"boom rediss://:{PW}@r:6380/0")
     except RuntimeError:
-        import sys
-
         record.exc_info = sys.exc_info()
     line = formatter.format(record)
     assert "Secr3t" not in line, line
     assert "postgresql://app:***@db/x" in line
 
 
-def test_logging_through_the_configured_handler_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_logging_through_the_configured_handler_masks() -> None:
     from processor.core.logs import setup_logging
 
     stream = io.StringIO()
