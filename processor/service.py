@@ -21,6 +21,7 @@ from .core.config import Config
 from .core.consumer import StreamConsumer, redis_client, translate
 from .core.deadletter import DeadLetters
 from .core.decode import Decoder
+from .core.errors import MigrationError
 from .core.health import Health
 from .core.httpserver import MetricsServer
 from .core.metrics import Metrics
@@ -141,6 +142,10 @@ class Service:
                 return self.stop(deadline=time.monotonic() + self.config.shutdown_timeout_s)
             assert self.pipeline is not None
             self.pipeline.run(self.stop_event)
+        except MigrationError as exc:
+            log.error("migrations failed: %s; apply schema.sql as its owner (telemetry-processor migrate) "
+                      "or set MIGRATE_ON_START=false", exc)
+            crashed = True
         except Exception:
             # Unexpected: log it, stop gracefully, exit non-zero so systemd or Docker restarts us.
             log.exception("unexpected error in the main loop; stopping")

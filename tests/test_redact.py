@@ -70,9 +70,6 @@ def test_text_without_a_password_is_unchanged(text: str) -> None:
     assert redact(text) == text
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: an unencoded '@' in a redis:// password (redis-py accepts it: "
-                                       "urlsplit splits at the last '@') leaves the part after the first '@' "
-                                       "visible, even when the URL was registered")
 def test_unencoded_at_sign_in_a_password_is_masked_whole() -> None:
     url = "redis://:Sup3r@Secr3t@redis.internal:6379/0"
     assert redis.connection.parse_url(url)["password"] == "Sup3r@Secr3t"  # a working configuration
@@ -111,16 +108,11 @@ def test_password_query_parameter_first_is_masked() -> None:
     assert shown.startswith("postgresql://app@db/telemetry?password=***")
 
 
-@pytest.mark.xfail(strict=True, reason="product bug (cosmetic): the libpq keyword pattern also matches "
-                                       "'?password=' and masks everything after it up to the next space, "
-                                       "so '&sslmode=require' disappears from what operators see")
 def test_query_parameters_after_the_password_are_kept() -> None:
     assert redact(f"postgresql://app@db/telemetry?password={PW}&sslmode=require") == \
         "postgresql://app@db/telemetry?password=***&sslmode=require"
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: redis-py's ssl_password query option (the private key's "
-                                       "passphrase) is neither masked by the query pattern nor registered")
 def test_redis_ssl_password_query_option_is_masked() -> None:
     url = f"rediss://:pw1@r:6380/0?ssl_certfile=/c.pem&ssl_keyfile=/k.pem&ssl_password={PW}"
     assert redis.connection.parse_url(url)["ssl_password"] == PW  # redis-py takes it from the URL

@@ -441,9 +441,9 @@ def test_least_privilege_roles_from_the_readme(throwaway_postgres_factory, throw
     assert "migrations skipped (MIGRATE_ON_START=false)" in messages
     assert not any("permission denied" in m for m in messages), messages
 
-    # The same role with MIGRATE_ON_START=true cannot apply schema.sql: what happens today is that the
-    # service logs an error (with a traceback) and exits 1 before reading anything, so nothing is lost
-    # and systemd or Docker restart it. (How it says so: see the xfail test below.)
+    # The same role with MIGRATE_ON_START=true cannot apply schema.sql: the service logs one error and
+    # exits 1 before reading anything, so nothing is lost and systemd or Docker restart it (the next test
+    # checks the wording).
     publish(client, keys["stream"], [payload("lp-late", BASE_MS)])
     with ServiceProcess({**env, "MIGRATE_ON_START": "true"}) as proc:
         assert proc.wait(30) == 1
@@ -455,9 +455,6 @@ def test_least_privilege_roles_from_the_readme(throwaway_postgres_factory, throw
     client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: a migration refused for lack of privilege is logged as "
-                                       "'unexpected error in the main loop; stopping' with a traceback; the "
-                                       "cause and the remedy (MIGRATE_ON_START=false) are not in the message")
 def test_migration_refused_for_lack_of_privilege_is_one_clear_error(throwaway_postgres_factory, throwaway_redis,
                                                                      keys):
     _, urls, writer, base = _readme_roles(throwaway_postgres_factory, throwaway_redis.url, keys)

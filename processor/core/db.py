@@ -11,7 +11,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.errors
 
-from .errors import RowRejectedError, TransientError
+from .errors import MigrationError, RowRejectedError, TransientError
 from .redact import redact
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,8 @@ def schema_sql() -> str:
 def migrate(conn: Any) -> None:
     """Apply ``schema.sql`` under a session advisory lock, so concurrent starts do not race.
 
-    Raises TransientError when the connection fails, RowRejectedError-free: any
-    other database error is re-raised as is (a broken schema is a bug, not data).
+    Raises TransientError when the connection fails, MigrationError for any other
+    database error (a missing privilege, a conflicting object).
     """
     sql = schema_sql()
     try:
@@ -136,6 +136,8 @@ def migrate(conn: Any) -> None:
                 cur.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         raise TransientError(describe(exc)) from exc
+    except psycopg2.Error as exc:
+        raise MigrationError(describe(exc)) from exc
     finally:
         if not conn.closed:
             conn.autocommit = False

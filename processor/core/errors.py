@@ -26,3 +26,7 @@ class RowRejectedError(ProcessorError):
 
 class StreamGoneError(TransientError):
     """The consumer group or the stream disappeared (NOGROUP): recreate and go on."""
+
+
+class MigrationError(ProcessorError):
+    """schema.sql could not be applied (a missing privilege, a conflicting object): an operator must act."""

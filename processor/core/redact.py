@@ -10,11 +10,12 @@ from __future__ import annotations
 import re
 
 # scheme://user:password@host -> scheme://user:***@host ; scheme://password@host stays masked too.
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*)(?::(?P<pw>[^@\s]*))?@")
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*)(?::(?P<pw>[^/?#\s]*))?@")
 # libpq keyword form: password=secret or password='se cret'
-_KV_PASSWORD = re.compile(r"(?i)\b(password|passwd|pwd)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+_KV_PASSWORD = re.compile(r"(?i)(?<![?&])\b(password|passwd|pwd)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
 # query parameters that carry secrets
-_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pwd|sslpassword|token)=)[^&\s]+")
+_QUERY_KEYS = ("password", "passwd", "pwd", "sslpassword", "ssl_password", "token")
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:" + "|".join(_QUERY_KEYS) + r")=)[^&\s]+")
 
 
 def _mask_userinfo(match: re.Match[str]) -> str:
@@ -50,7 +51,7 @@ def redact(text: object) -> str:
 
 def url_secrets(*urls: str) -> tuple[str, ...]:
     """The passwords (and redis user-only secrets) found in ``urls``, for :func:`redact`."""
-    from urllib.parse import unquote, urlsplit
+    from urllib.parse import parse_qsl, unquote, urlsplit
 
     found: list[str] = []
     for url in urls:
@@ -62,4 +63,5 @@ def url_secrets(*urls: str) -> tuple[str, ...]:
             found.extend({parts.password, unquote(parts.password)})
         elif parts.username and parts.scheme.startswith("redis"):
             found.extend({parts.username, unquote(parts.username)})
+        found.extend(v for k, v in parse_qsl(parts.query) if k.lower() in _QUERY_KEYS and v)
     return tuple(found)
