@@ -12,6 +12,18 @@ A batch goes one of two ways, with identical results:
   per-value SQL quoting and the server's parsing of a huge statement, which
   wins once batches are large (measured by bench/micro_writer.py).
 
+Large batches are first tried the direct way: one ``COPY`` straight into
+``positions``, which costs PostgreSQL about a quarter less CPU than staging
+(docs/performance.md). COPY has no ON CONFLICT, so it only succeeds when every
+row is new and accepted: then all are ``inserted``. A key already stored (a
+redelivery), a key twice in the batch, or a row the database refuses fails the
+whole COPY (rolled back; the server logs the error), and the batch goes the
+staging way, whose results are the truth; the direct way then rests for
+``DIRECT_COPY_REST_S``, so a stream of duplicates (a replay) pays for at most one
+failed COPY per rest. A COPY that stored fewer rows than it was given (a trigger
+that skips rows) is rolled back and goes the staging way too. COPY ignores
+rewrite rules (``CREATE RULE``); ``positions`` has none.
+
 Errors are classified where they enter (:func:`processor.core.db.classify`):
 transient ones fail the whole attempt and the connection is replaced; a row the
 database refuses is isolated by splitting the batch in halves, each half its own
@@ -64,11 +76,16 @@ STOP_POLL_S = 0.1
 # After close()'s deadline: how long cancelled jobs get to hand back their results.
 ABORT_GRACE_S = 1.0
 
+# After a direct COPY failed (a duplicate, a refused row), large batches go through
+# staging for this long before the direct way is tried again.
+DIRECT_COPY_REST_S = 10.0
+
 COLUMNS = ("device_id, ts, latitude, longitude, altitude, angle, speed, satellites, priority, "
            "event_id, attributes")
 CONFLICT = "ON CONFLICT (device_id, ts) DO NOTHING RETURNING device_id, ts"
 VALUES_SQL = f"INSERT INTO positions ({COLUMNS}) VALUES %s {CONFLICT}"
 COPY_SQL = "COPY positions_stage FROM STDIN"
+DIRECT_COPY_SQL = f"COPY positions ({COLUMNS}) FROM STDIN"
 FROM_STAGE_SQL = f"INSERT INTO positions ({COLUMNS}) SELECT {COLUMNS} FROM positions_stage ORDER BY seq {CONFLICT}"
 # Run once per connection. The staging table has the column types of positions
 # (so COPY converts values once) but none of its constraints: a bad row fails in
@@ -92,6 +109,10 @@ CREATE TEMP TABLE IF NOT EXISTS positions_stage (
 ) ON COMMIT DELETE ROWS;
 """
 PING_SQL = "SELECT 1"
+
+
+class _NotAllStored(Exception):
+    """A direct COPY stored fewer rows than it was given (a trigger skipped some)."""
 
 
 @dataclass(slots=True)
@@ -137,6 +158,7 @@ class Writer:
         self._unfinished = 0  # submitted jobs whose future is not resolved yet
         self._idle = threading.Condition()
         self._healthy = False
+        self._direct_rest_until = 0.0  # monotonic; the direct COPY is not tried before it
         self._last_error: str | None = "no PostgreSQL write or ping yet"
         self._last_success = 0.0
 
@@ -266,11 +288,15 @@ class Writer:
     def _insert(self, conn: Any, batch: list[Record]) -> list[WriteResult]:
         """One transaction; raises TransientError or RowRejectedError (psycopg2 errors translated)."""
         try:
-            with _transaction(conn) as cur:
-                if len(batch) >= self._copy_threshold:
-                    returned = _copy_insert(cur, batch)
-                else:
-                    returned = _values_insert(cur, batch)
+            if len(batch) >= self._copy_threshold and self._direct_copy(conn, batch):
+                outcomes = [INSERTED] * len(batch)
+            else:
+                with _transaction(conn) as cur:
+                    if len(batch) >= self._copy_threshold:
+                        returned = _copy_insert(cur, batch)
+                    else:
+                        returned = _values_insert(cur, batch)
+                outcomes = _outcomes(batch, returned)
         except psycopg2.Error as exc:
             translated = _translate(exc)
             if translated is None:
@@ -282,7 +308,31 @@ class Writer:
         self._last_success = time.time()
         if self._metrics is not None:
             self._metrics.last_write_timestamp.set(self._last_success)
-        return _outcomes(batch, returned)
+        return outcomes
+
+    def _direct_copy(self, conn: Any, batch: list[Record]) -> bool:
+        """COPY the batch straight into positions, in its own transaction; True if every row was stored.
+
+        False (nothing stored) when a row conflicts or is refused, or a trigger skipped
+        one: the caller then writes the batch through staging. A transient failure
+        raises, as on the other paths.
+        """
+        if time.monotonic() < self._direct_rest_until:
+            return False
+        try:
+            with _transaction(conn) as cur:
+                data = _copy_text(batch, numbered=False)
+                cur.copy_expert(DIRECT_COPY_SQL, io.BytesIO(data), size=max(len(data), 1))
+                if cur.rowcount != len(batch):
+                    raise _NotAllStored()  # rolls the transaction back
+        except (psycopg2.Error, _NotAllStored) as exc:
+            if isinstance(exc, psycopg2.Error) and db.classify(exc) is not RowRejectedError:
+                raise  # transient (or a bug): handled by the caller as on the staging path
+            self._direct_rest_until = time.monotonic() + DIRECT_COPY_REST_S
+            log.debug("direct COPY of %d rows not possible (%s); writing them through staging",
+                      len(batch), _row_message(exc) if isinstance(exc, psycopg2.Error) else "rows skipped")
+            return False
+        return True
 
     def _account(self, results: list[WriteResult], reason: str | None, seconds: float) -> None:
         """Health, metrics and the per-batch debug line for one attempt."""
@@ -514,8 +564,9 @@ def _copy_insert(cur: Any, batch: list[Record]) -> list[tuple[str, datetime]]:
     return returned
 
 
-def _copy_text(batch: list[Record]) -> bytes:
-    """The batch in COPY text format: tab-separated, ``\\N`` for NULL, backslash escapes.
+def _copy_text(batch: list[Record], numbered: bool = True) -> bytes:
+    """The batch in COPY text format: tab-separated, ``\\N`` for NULL, backslash escapes;
+    each line starts with its position in the batch (the staging table's ``seq``) if ``numbered``.
 
     Hot and Python-bound, so it is one loop with everything inlined: device ids
     are nearly always IMEIs (``isalnum`` skips escaping them), floats go out by
@@ -536,13 +587,14 @@ def _copy_text(batch: list[Record]) -> bytes:
             attrs = attrs.replace("\\", "\\\\")
         altitude, angle, speed = p.altitude, p.angle, p.speed
         satellites, priority, event_id = p.satellites, p.priority, p.event_id
-        append(f"{seq}\t{device}\t{p.ts.isoformat()}\t{p.latitude!r}\t{p.longitude!r}\t"
-               f"{null if altitude is None else repr(altitude)}\t"
-               f"{null if angle is None else repr(angle)}\t"
-               f"{null if speed is None else repr(speed)}\t"
-               f"{null if satellites is None else satellites}\t"
-               f"{null if priority is None else priority}\t"
-               f"{null if event_id is None else event_id}\t{attrs}\n")
+        line = (f"{device}\t{p.ts.isoformat()}\t{p.latitude!r}\t{p.longitude!r}\t"
+                f"{null if altitude is None else repr(altitude)}\t"
+                f"{null if angle is None else repr(angle)}\t"
+                f"{null if speed is None else repr(speed)}\t"
+                f"{null if satellites is None else satellites}\t"
+                f"{null if priority is None else priority}\t"
+                f"{null if event_id is None else event_id}\t{attrs}\n")
+        append(f"{seq}\t{line}" if numbered else line)
     return "".join(lines).encode()
 
 
