@@ -89,6 +89,11 @@ class StreamConsumer:
         self.block_ms = block_ms
         # "0"-based cursor while draining our own pending entries; None once on ">".
         self._pending_cursor: str | None = "0"
+        # New entries are read through a second client on the same connection pool that
+        # leaves the XREADGROUP reply as Redis sent it: redis-py's own parsing builds a
+        # dict per entry in Python, about a fifth of the read's cost (docs/performance.md).
+        self._raw = redis.Redis(connection_pool=client.connection_pool)
+        self._raw.set_response_callback("XREADGROUP", _unparsed)
 
     # --- group ---
 
@@ -118,23 +123,34 @@ class StreamConsumer:
 
     # --- reading ---
 
-    def read(self, block_ms: int | None = None) -> list[Entry]:
+    def read(self, block_ms: int | None = None, ack: Sequence[str] = ()) -> list[Entry]:
         """The next batch: our own pending entries first, then new ones.
 
         Blocks up to ``block_ms`` (default: the configured BLOCK_MS, never longer) for new entries.
+        ``ack``: ids to XACK first, in the same round trip as the read (one wait instead of two).
         """
         if self._pending_cursor is not None:
+            if ack:
+                self.ack(ack)
+                ack = ()
             entries = self._read_pending()
             if entries:
                 return entries
             log.info("own pending entries done; reading new entries", extra={"consumer": self.consumer})
             self._pending_cursor = None
-        reply = translate("XREADGROUP", lambda: self.client.xreadgroup(
-            self.group, self.consumer, {self.stream: ">"}, count=self.batch_size,
-            block=min(block_ms, self.block_ms) if block_ms is not None else self.block_ms))
-        new = _new_entry
-        return [new(Entry, (eid.decode() if type(eid) is bytes else eid, fields, 1))
-                for eid, fields in _entries(reply)]
+        block = min(block_ms, self.block_ms) if block_ms is not None else self.block_ms
+        if ack:
+            reply = translate("XACK + XREADGROUP", lambda: self._ack_and_read(ack, block))
+        else:
+            reply = translate("XREADGROUP", lambda: self._raw.xreadgroup(
+                self.group, self.consumer, {self.stream: ">"}, count=self.batch_size, block=block))
+        return _new_entries(reply)
+
+    def _ack_and_read(self, ids: Sequence[str], block: int) -> Any:
+        pipe = self._raw.pipeline(transaction=False)
+        pipe.xack(self.stream, self.group, *ids)
+        pipe.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=self.batch_size, block=block)
+        return pipe.execute()[1]
 
     def _read_pending(self) -> list[Entry]:
         cursor = self._pending_cursor or "0"
@@ -222,6 +238,29 @@ def _entries(reply: Any) -> list[tuple[bytes, Mapping[bytes, bytes] | None]]:
         streams: Iterable[Any] = reply.values()
         return [e for v in streams for e in (v[0] if v and isinstance(v[0], list) else v)]
     return list(reply[0][1])
+
+
+def _unparsed(response: Any, **options: Any) -> Any:
+    """A response callback that keeps the reply as the parser gave it."""
+    return response
+
+
+def _new_entries(reply: Any) -> list[Entry]:
+    """Entries of an unparsed one-stream XREADGROUP reply: RESP3 ``{stream: [[id, [k, v, ...]], ...]}``
+    or RESP2 ``[[stream, [...]]]``; None when the read timed out. Hot: one pass, no per-entry call."""
+    if not reply:
+        return []
+    raw = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+    new = _new_entry
+    entries: list[Entry] = []
+    append = entries.append
+    for entry_id, flat in raw:
+        if flat is not None and len(flat) == 2:
+            fields: dict[bytes, bytes] | None = {flat[0]: flat[1]}  # the usual entry: payload only
+        else:
+            fields = None if flat is None else dict(zip(flat[::2], flat[1::2]))
+        append(new(Entry, (entry_id.decode() if type(entry_id) is bytes else entry_id, fields, 1)))
+    return entries
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

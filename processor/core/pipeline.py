@@ -102,6 +102,7 @@ class Pipeline:
         self.inflight: deque[Batch] = deque()
         self._inflight_ids: set[str] = set()
         self._unacked: list[str] = []  # stored or dead-lettered, XACK not yet through
+        self._defer_acks = False  # True while turn() settles: acks then go out with its read
         self._transient_failures = 0  # records whose write gave up on a transient error (only when stopping)
         self._next_reclaim = time.monotonic() + self.reclaim_every_s
         self._reclaim_cursor = "0-0"
@@ -119,16 +120,22 @@ class Pipeline:
     def turn(self, stop: threading.Event) -> None:
         """One turn: settle finished writes, then read (or wait while at the in-flight bound)."""
         self.health.turned()
-        self.settle(block_s=0.0)
+        self._defer_acks = True  # the acknowledgements of what settles now go with the read below
+        try:
+            self.settle(block_s=0.0)
+        finally:
+            self._defer_acks = False
         self._heartbeat()
         if len(self.inflight) >= self.max_inflight:
+            self._try_flush_acks()
             self.settle(block_s=0.2)
             return
         try:
-            self._flush_acks()
+            if not self.inflight or time.monotonic() >= self._next_reclaim:
+                self._flush_acks()  # idle: now, not with a read that may block for BLOCK_MS
             if time.monotonic() >= self._next_reclaim:
                 self.reclaim_once()
-            entries = self.consumer.read(block_ms=SETTLE_POLL_MS if self.inflight else None)
+            entries = self._read()
             self.health.redis_result(None)
             self._redis_backoff = BACKOFF_START_S
         except StreamGoneError:
@@ -298,10 +305,24 @@ class Pipeline:
 
     # --- acknowledging ---
 
+    def _read(self) -> list[Entry]:
+        """The next batch. While writes are in flight, pending acknowledgements ride in the same
+        round trip (XACK then XREADGROUP): the main loop waits for Redis once per batch, not twice."""
+        ids = self._unacked
+        entries = self.consumer.read(block_ms=SETTLE_POLL_MS if self.inflight else None, ack=ids)
+        if ids:
+            self._acked(ids)
+        return entries
+
     def _ack(self, ids: list[str]) -> None:
         if not ids:
             return
         self._unacked.extend(ids)
+        if not self._defer_acks:
+            self._try_flush_acks()
+
+    def _try_flush_acks(self) -> None:
+        """XACK what is pending acknowledgement; a failure is logged and retried later."""
         try:
             self._flush_acks()
         except TransientError as exc:
@@ -317,6 +338,10 @@ class Pipeline:
             return
         ids = self._unacked
         self.consumer.ack(ids)
+        self._acked(ids)
+
+    def _acked(self, ids: list[str]) -> None:
+        """``ids`` (all of ``_unacked``: nothing is added while a read or XACK is under way) are done."""
         self.metrics.acks.inc(len(ids))
         self.totals.acked += len(ids)
         self._unacked = []
