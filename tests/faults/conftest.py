@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +23,7 @@ import redis
 from processor.core.decode import Decoder
 from processor.core.types import Position
 from processor.simulate import Fleet
-from tests.helpers import ServiceProcess, free_port, http_get, metric_value, pending_count
+from tests.helpers import ServiceProcess, free_port, http_get, metric_value, pending_count, wait_until
 
 HERE = Path(__file__).resolve().parent
 
@@ -192,3 +192,20 @@ def assert_nothing_lost(client: redis.Redis, pg_url: str, keys: Mapping[str, str
     assert pending_count(client, keys["stream"], keys["group"]) == 0, "entries still pending"
     return Outcome(rows=len(rows), dead_letters=dict(Counter(d["reason"].decode() for d in dead)),
                    deliveries={d["source_id"].decode(): int(d["deliveries"]) for d in dead})
+
+
+def wait_or_explain(proc: ServiceProcess, predicate: Callable[[], Any], timeout: float, message: str,
+                    interval: float = 0.1) -> None:
+    """``wait_until``, failing at once if the process exits; the failure shows its last warnings and errors."""
+    def done() -> Any:
+        if proc.proc is not None and proc.proc.poll() is not None:
+            raise AssertionError(f"the processor exited {proc.proc.returncode} before {message}")
+        return predicate()
+
+    try:
+        wait_until(done, timeout, interval, message)
+    except AssertionError as exc:
+        tail = [f"{e.get('ts')} {e.get('level')} {e.get('msg')} {e.get('exc', '')[-800:]}"
+                for e in proc.logs() if e.get("level") != "info"][-30:]
+        state = "running" if proc.proc is not None and proc.proc.poll() is None else "exited"
+        raise AssertionError(f"{exc}; processor {state}, its last warnings:\n" + "\n".join(tail)) from None

@@ -30,7 +30,7 @@ def test_kill_9_three_times_during_50k_loses_nothing(fault_env, redis_client, pg
     at_kill: list[tuple[int, int]] = []  # (rows, pending) right after each SIGKILL
     for fraction in (0.2, 0.5, 0.8):
         with ServiceProcess(env) as proc:
-            wait_until(lambda: row_count(pg_url) >= fraction * LOAD, 60, 0.01, f"{fraction:.0%} of the rows")
+            wait_until(lambda f=fraction: row_count(pg_url) >= f * LOAD, 60, 0.01, f"{fraction:.0%} of the rows")
             proc.proc.send_signal(signal.SIGKILL)
             assert proc.wait(10) == -signal.SIGKILL
         at_kill.append((row_count(pg_url), pending_count(redis_client, keys["stream"], keys["group"])))

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.faults.conftest import (DECODER, Outcome, assert_nothing_lost, fleet_entries, log_entries, publish_entries,
-                                   scrape, stored_keys, with_metrics)
+                                   scrape, stored_keys, wait_or_explain, with_metrics)
 from tests.helpers import ServiceProcess, http_get, pending_count, row_count, wait_until
 
 OUTAGE_S = 10.0
@@ -43,7 +43,7 @@ def test_postgres_stopped_for_10_seconds_mid_load(fault_env, redis_client, throw
             time.sleep(0.2)
         pg.start()
         published.update(publish_entries(redis_client, keys["stream"], entries[20_000:]))
-        wait_until(lambda: _all_stored(redis_client, keys, pg.url, 30_000), 120, 0.1, "all 30,000 rows")
+        wait_or_explain(proc, lambda: _all_stored(redis_client, keys, pg.url, 30_000), 120, "all 30,000 rows")
         wait_until(lambda: http_get(metrics + "/readyz")[0] == 200, 30, 0.1, "ready again")
         dead = scrape(metrics, "processor_records_dead_lettered_total", {"reason": "db_rejected"})
         assert proc.proc.poll() is None, proc.output
@@ -56,7 +56,17 @@ def test_postgres_stopped_for_10_seconds_mid_load(fault_env, redis_client, throw
     assert assert_nothing_lost(redis_client, pg.url, keys, published) == Outcome(30_000, {}, {})
 
 
-@pytest.mark.parametrize("appendonly", [True, False], ids=["aof", "no-persistence"])
+NOGROUP_IN_PIPELINE = ("NOGROUP on the XACK + XREADGROUP pipeline (acks riding with the read while writes are in "
+                       "flight) reaches translate() as 'Command # 2 (XREADGROUP ...) of pipeline caused error: "
+                       "NOGROUP ...', which is not recognised: ProcessorError, the process exits 1 instead of "
+                       "recreating the group (CONTRACT 4 rule 11)")
+
+
+@pytest.mark.parametrize("appendonly", [
+    True,
+    # Not strict: it passes when no write happens to be in flight at the restart (about 1 run in 3).
+    pytest.param(False, marks=pytest.mark.xfail(strict=False, reason=NOGROUP_IN_PIPELINE)),
+], ids=["aof", "no-persistence"])
 def test_redis_restarted_mid_load(fault_env, pg_url, keys, throwaway_redis_factory, appendonly):
     server = throwaway_redis_factory(appendonly=appendonly)
     client = server.client()
@@ -69,8 +79,8 @@ def test_redis_restarted_mid_load(fault_env, pg_url, keys, throwaway_redis_facto
         server.restart()
         after = publish_entries(client, keys["stream"], entries[10_000:])
         wanted = _keys_of(after) if not appendonly else _keys_of({**before, **after})
-        wait_until(lambda: pending_count(client, keys["stream"], keys["group"]) == 0
-                   and wanted <= stored_keys(pg_url), 120, 0.2, "the entries Redis kept, stored")
+        wait_or_explain(proc, lambda: pending_count(client, keys["stream"], keys["group"]) == 0
+                        and wanted <= stored_keys(pg_url), 120, "the entries Redis kept, stored", 0.2)
         assert proc.proc.poll() is None, proc.output
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0
@@ -92,3 +102,22 @@ def test_redis_restarted_mid_load(fault_env, pg_url, keys, throwaway_redis_facto
 def _keys_of(published) -> set:
     """The (device_id, ts) of fleet entries (all valid)."""
     return {(p.device_id, p.ts) for p in (DECODER.decode(f) for f in published.values())}
+
+
+@pytest.mark.xfail(strict=True, reason=NOGROUP_IN_PIPELINE)
+def test_nogroup_on_the_read_that_carries_acknowledgements_means_the_stream_is_gone(redis_url, redis_client, keys):
+    from processor.core.consumer import StreamConsumer, redis_client as make_client
+    from processor.core.errors import StreamGoneError
+
+    client = make_client(redis_url, block_ms=200)
+    consumer = StreamConsumer(client=client, stream=keys["stream"], group=keys["group"], consumer=keys["consumer"],
+                              batch_size=10, block_ms=200)
+    consumer.ensure_group()
+    assert consumer.read(block_ms=10) == []  # own pending list done: reading new entries from now on
+    redis_client.delete(keys["stream"])  # what a Redis restart without persistence leaves
+    redis_client.xadd(keys["stream"], {"payload": b"{}"})  # and the producer carries on
+    try:
+        with pytest.raises(StreamGoneError):
+            consumer.read(block_ms=10, ack=["1-0"])
+    finally:
+        client.close()
