@@ -8,6 +8,7 @@ connection becomes :class:`TransientError`, a vanished group or stream
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 import redis
@@ -61,9 +62,13 @@ def translate(what: str, call: Callable[[], T]) -> T:
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise TransientError(f"{what}: {redact(exc) or type(exc).__name__}") from exc
     except redis.ResponseError as exc:
-        if str(exc).startswith("NOGROUP"):
+        # Also inside a pipeline, whose error reads "Command # 2 (XREADGROUP ...) of pipeline caused error: NOGROUP ..."
+        if _NOGROUP.search(str(exc)):
             raise StreamGoneError(f"{what}: {redact(exc)}") from exc
         raise ProcessorError(f"{what}: {redact(exc)}") from exc
+
+
+_NOGROUP = re.compile(r"(?:^|caused error: )NOGROUP\b")
 
 
 def _id_str(entry_id: Any) -> str:
