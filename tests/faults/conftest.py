@@ -194,8 +194,8 @@ def assert_nothing_lost(client: redis.Redis, pg_url: str, keys: Mapping[str, str
                    deliveries={d["source_id"].decode(): int(d["deliveries"]) for d in dead})
 
 
-def wait_or_explain(proc: ServiceProcess, predicate: Callable[[], Any], timeout: float, message: str,
-                    interval: float = 0.1) -> None:
+def wait_or_explain(proc: ServiceProcess, predicate: Callable[[], Any], timeout: float = 30.0,
+                    interval: float = 0.05, message: str = "condition") -> None:
     """``wait_until``, failing at once if the process exits; the failure shows its last warnings and errors."""
     def done() -> Any:
         if proc.proc is not None and proc.proc.poll() is not None:

@@ -12,8 +12,8 @@ from typing import Any
 from processor.core.types import DB_REJECTED, MAX_DELIVERIES, REASONS, Position
 from processor.simulate import Fleet
 from tests.faults.conftest import (DECODER, assert_nothing_lost, log_entries, publish_entries, scrape,
-                                   with_metrics)
-from tests.helpers import ServiceProcess, pending_count, row_count, wait_until
+                                   wait_or_explain, with_metrics)
+from tests.helpers import ServiceProcess, pending_count, row_count
 
 VALID = INVALID = 10_000
 REQUIRED = ("device_id", "timestamp", "latitude", "longitude")
@@ -137,15 +137,16 @@ def test_10000_broken_payloads_among_10000_valid_ones(fault_env, redis_client, p
     with ServiceProcess(env) as proc:
         proc.wait_for_log("processor ready")
         published = publish_entries(redis_client, keys["stream"], entries)
-        wait_until(lambda: redis_client.xlen(keys["dead"]) >= sum(expected.values())
-                   and pending_count(redis_client, keys["stream"], keys["group"]) == 0
-                   and row_count(pg_url) == len(stored), 120, 0.2, "every entry settled")
+        wait_or_explain(proc, lambda: redis_client.xlen(keys["dead"]) >= sum(expected.values())
+                        and pending_count(redis_client, keys["stream"], keys["group"]) == 0
+                        and row_count(pg_url) == len(stored), 120, 0.2, "every entry settled")
         by_reason = {r: scrape(metrics, "processor_records_dead_lettered_total", {"reason": r}) for r in expected}
         assert proc.proc.poll() is None, proc.output
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         assert len(log_entries(proc, "processor starting")) == 1  # one process, never restarted
     outcome = assert_nothing_lost(redis_client, pg_url, keys, published)
+    print(f"measured: {outcome.rows} rows, dead letters {outcome.dead_letters}")
     assert outcome.rows == len(stored)
     assert outcome.dead_letters == expected
     assert by_reason == outcome.dead_letters

@@ -26,7 +26,7 @@ def test_postgres_stopped_for_10_seconds_mid_load(fault_env, redis_client, throw
     with ServiceProcess(env) as proc:
         proc.wait_for_log("processor ready")
         published = publish_entries(redis_client, keys["stream"], entries[:10_000])
-        wait_until(lambda: row_count(pg.url) >= 5_000, 60, 0.01, "half of the first 10,000 rows")
+        wait_or_explain(proc, lambda: row_count(pg.url) >= 5_000, 60, 0.01, "half of the first 10,000 rows")
         pg.stop("fast")
         down_at = time.monotonic()
         # Entries keep arriving while the database is away.
@@ -42,8 +42,11 @@ def test_postgres_stopped_for_10_seconds_mid_load(fault_env, redis_client, throw
             assert proc.proc.poll() is None, proc.output
             time.sleep(0.2)
         pg.start()
+        back_at = time.monotonic()
         published.update(publish_entries(redis_client, keys["stream"], entries[20_000:]))
-        wait_or_explain(proc, lambda: _all_stored(redis_client, keys, pg.url, 30_000), 120, "all 30,000 rows")
+        wait_or_explain(proc, lambda: _all_stored(redis_client, keys, pg.url, 30_000), 120, 0.1, "all 30,000 rows")
+        print(f"measured: pending while down {pending[0]}..{pending[-1]}, acks frozen at {acks:.0f}, "
+              f"readyz {sorted(readyz)}, all rows {time.monotonic() - back_at:.1f}s after PostgreSQL was back")
         wait_until(lambda: http_get(metrics + "/readyz")[0] == 200, 30, 0.1, "ready again")
         dead = scrape(metrics, "processor_records_dead_lettered_total", {"reason": "db_rejected"})
         assert proc.proc.poll() is None, proc.output
@@ -75,12 +78,14 @@ def test_redis_restarted_mid_load(fault_env, pg_url, keys, throwaway_redis_facto
     with ServiceProcess(env) as proc:
         proc.wait_for_log("processor ready")
         before = publish_entries(client, keys["stream"], entries[:10_000])
-        wait_until(lambda: row_count(pg_url) >= 3_000, 60, 0.01, "3,000 rows")
+        wait_or_explain(proc, lambda: row_count(pg_url) >= 3_000, 60, 0.01, "3,000 rows")
         server.restart()
+        back_at = time.monotonic()
         after = publish_entries(client, keys["stream"], entries[10_000:])
         wanted = _keys_of(after) if not appendonly else _keys_of({**before, **after})
         wait_or_explain(proc, lambda: pending_count(client, keys["stream"], keys["group"]) == 0
-                        and wanted <= stored_keys(pg_url), 120, "the entries Redis kept, stored", 0.2)
+                        and wanted <= stored_keys(pg_url), 120, 0.2, "the entries Redis kept, stored")
+        print(f"measured: settled {time.monotonic() - back_at:.1f}s after the restart")
         assert proc.proc.poll() is None, proc.output
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0

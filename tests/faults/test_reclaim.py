@@ -10,8 +10,8 @@ import sys
 import time
 
 from tests.faults.conftest import (Outcome, assert_nothing_lost, fleet_entries, log_entries, publish_entries,
-                                   read_as_dead_consumer, scrape, with_metrics)
-from tests.helpers import BASE_MS, ROOT, ServiceProcess, payload, pending_count, row_count, wait_until
+                                   read_as_dead_consumer, scrape, wait_or_explain, with_metrics)
+from tests.helpers import BASE_MS, ROOT, ServiceProcess, payload, pending_count, row_count
 
 SUMMARY = re.compile(r"^claimed=(\d+) inserted=(\d+) duplicate=(\d+) dead_lettered=(\d+) failed=(\d+)")
 
@@ -30,8 +30,8 @@ def test_poison_entries_are_dead_lettered_and_the_rest_written(fault_env, redis_
     with ServiceProcess(env) as proc:
         published = publish_entries(redis_client, keys["stream"], entries)
         malformed, rejected = list(published)[5], list(published)[12]
-        wait_until(lambda: redis_client.xlen(keys["dead"]) == 2 and _all_stored(redis_client, keys, pg_url, 18),
-                   30, 0.05, "18 rows and 2 dead letters")
+        wait_or_explain(proc, lambda: redis_client.xlen(keys["dead"]) == 2
+                        and _all_stored(redis_client, keys, pg_url, 18), 30, 0.05, "18 rows and 2 dead letters")
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         refusals = log_entries(proc, f"row rejected by PostgreSQL, entry {rejected}", "warning")
@@ -60,12 +60,13 @@ def test_a_dead_consumers_entries_are_written_within_idle_time_plus_one_reclaim_
         published = {i.decode(): f for i, f in zip(ids, entries)}
         time.sleep(max(read_at + idle_s * 0.8 - time.monotonic(), 0))
         assert row_count(pg_url) == 0, "claimed before RECLAIM_IDLE_MS"
-        wait_until(lambda: _all_stored(redis_client, keys, pg_url, 200),
-                   read_at + idle_s + interval_s + margin_s - time.monotonic(), 0.02, "the orphans written")
+        wait_or_explain(proc, lambda: _all_stored(redis_client, keys, pg_url, 200),
+                        read_at + idle_s + interval_s + margin_s - time.monotonic(), 0.02, "the orphans written")
         took = time.monotonic() - read_at
         assert scrape(metrics, "processor_reclaimed_total") == 200
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+    print(f"measured: orphans written {took:.2f}s after they were read (bound {idle_s + interval_s:.1f}s + margin)")
     assert idle_s <= took, took
     assert assert_nothing_lost(redis_client, pg_url, keys, published) == Outcome(200, {}, {})
 
@@ -81,7 +82,7 @@ def test_entries_trimmed_while_pending_on_a_dead_consumer_are_counted_logged_and
     gone = ids[:40] + ids[50:60]
     env, metrics = with_metrics(dict(fault_env, RECLAIM_IDLE_MS="300"))
     with ServiceProcess(env) as proc:
-        wait_until(lambda: _all_stored(redis_client, keys, pg_url, 50), 30, 0.05, "50 rows, nothing pending")
+        wait_or_explain(proc, lambda: _all_stored(redis_client, keys, pg_url, 50), 30, 0.05, "50 rows, nothing pending")
         lost = scrape(metrics, "processor_entries_lost_total")
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0
@@ -101,7 +102,7 @@ def test_entries_deleted_from_a_restarted_consumers_own_pending_list_are_lost_an
     assert redis_client.xdel(keys["stream"], *ids[::5]) == 20
     env, metrics = with_metrics(dict(fault_env, RECLAIM_IDLE_MS="3600000"))  # rule 4 alone, no reclaim
     with ServiceProcess(env) as proc:
-        wait_until(lambda: _all_stored(redis_client, keys, pg_url, 80), 30, 0.05, "80 rows, nothing pending")
+        wait_or_explain(proc, lambda: _all_stored(redis_client, keys, pg_url, 80), 30, 0.05, "80 rows, nothing pending")
         lost = scrape(metrics, "processor_entries_lost_total")
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0
@@ -129,6 +130,7 @@ def test_replay_with_a_limit_pages_through_5000_pending_entries(fault_env, redis
         runs.append(tuple(int(v) for v in SUMMARY.match(line).groups()))
         if runs[-1][0] == 0 or len(runs) > 6:
             break
+    print(f"measured: replay runs {runs}")
     claimed, inserted, duplicate, dead, failed = (sum(col) for col in zip(*runs))
     assert [r[0] for r in runs] == [1500, 1500, 1500, 500, 0]
     assert all(r[0] == r[1] + r[2] + r[3] and r[4] == 0 for r in runs), runs
