@@ -59,17 +59,7 @@ def test_postgres_stopped_for_10_seconds_mid_load(fault_env, redis_client, throw
     assert assert_nothing_lost(redis_client, pg.url, keys, published) == Outcome(30_000, {}, {})
 
 
-NOGROUP_IN_PIPELINE = ("NOGROUP on the XACK + XREADGROUP pipeline (acks riding with the read while writes are in "
-                       "flight) reaches translate() as 'Command # 2 (XREADGROUP ...) of pipeline caused error: "
-                       "NOGROUP ...', which is not recognised: ProcessorError, the process exits 1 instead of "
-                       "recreating the group (CONTRACT 4 rule 11)")
-
-
-@pytest.mark.parametrize("appendonly", [
-    True,
-    # Not strict: it passes when no write happens to be in flight at the restart (about 1 run in 3).
-    pytest.param(False, marks=pytest.mark.xfail(strict=False, reason=NOGROUP_IN_PIPELINE)),
-], ids=["aof", "no-persistence"])
+@pytest.mark.parametrize("appendonly", [True, False], ids=["aof", "no-persistence"])
 def test_redis_restarted_mid_load(fault_env, pg_url, keys, throwaway_redis_factory, appendonly):
     server = throwaway_redis_factory(appendonly=appendonly)
     client = server.client()
@@ -100,6 +90,7 @@ def test_redis_restarted_mid_load(fault_env, pg_url, keys, throwaway_redis_facto
         assert recreated
         outcome = assert_nothing_lost(client, pg_url, keys, {**before, **after}, gone=before)
     client.close()
+    print(f"measured: {outcome.rows} rows, group recreated: {bool(recreated)}")
     assert outcome.dead_letters == {}
     assert outcome.rows == 20_000 if appendonly else 13_000 <= outcome.rows <= 20_000
 
@@ -109,7 +100,6 @@ def _keys_of(published) -> set:
     return {(p.device_id, p.ts) for p in (DECODER.decode(f) for f in published.values())}
 
 
-@pytest.mark.xfail(strict=True, reason=NOGROUP_IN_PIPELINE)
 def test_nogroup_on_the_read_that_carries_acknowledgements_means_the_stream_is_gone(redis_url, redis_client, keys):
     from processor.core.consumer import StreamConsumer, redis_client as make_client
     from processor.core.errors import StreamGoneError
