@@ -191,7 +191,12 @@ class Decoder:
     def decode(self, fields: Mapping[bytes, bytes], now: float | None = None) -> Position | Rejection:
         """One entry's fields -> a Position, or a Rejection. Never raises."""
         try:
-            raw = self._payload(fields)
+            # The usual entry, a dict with one bytes payload within the limits, skips _payload's checks.
+            payload = fields.get(_PAYLOAD) if type(fields) is dict and len(fields) <= MAX_FIELDS else None
+            if type(payload) is bytes and 0 < len(payload) <= self._max_payload_bytes:
+                raw = payload
+            else:
+                raw = self._payload(fields)
             doc = _parse(raw)
             if _NUL_ESCAPE in raw:
                 _check_nul(doc)
@@ -393,10 +398,18 @@ def _iso_timestamp(text: str) -> datetime:
 def _epoch_ms_timestamp(ms: int) -> datetime:
     if ms < MIN_EPOCH_MS:
         raise _Invalid(TIMESTAMP_OUT_OF_WINDOW, f"timestamp {ms} ms is before 2000-01-01T00:00:00Z")
+    # Exact: integer arithmetic, no float division. The whole second comes from a small
+    # cache (positions of a batch share a few seconds) and the milliseconds from a table:
+    # 0.23 us instead of 0.6 us for EPOCH + timedelta(milliseconds=ms).
+    seconds, millis = divmod(ms, 1000)
     try:
-        # exact: integer arithmetic, no float division; positional (days, seconds,
-        # microseconds, milliseconds) is cheaper than the keyword form
-        return EPOCH + timedelta(0, 0, 0, ms)
+        base = _SECONDS.get(seconds)
+        if base is None:
+            base = EPOCH + timedelta(0, seconds)
+            if len(_SECONDS) >= _SECONDS_CACHED:
+                _SECONDS.clear()
+            _SECONDS[seconds] = base
+        return base + _MILLIS[millis]
     except OverflowError:
         raise _Invalid(TIMESTAMP_OUT_OF_WINDOW, f"timestamp {_quote(ms)} ms is beyond any representable time") from None
 
@@ -449,6 +462,9 @@ def _integer(doc: dict[str, Any], field: str, low: int, high: int) -> int | None
 # -- attributes and sentinels ---------------------------------------------------------
 
 _PLAIN: Final = object()  # marks "not a sentinel: an ordinary object"
+_SECONDS: Final[dict[int, datetime]] = {}  # epoch second -> datetime; shared by threads (dict ops are atomic)
+_SECONDS_CACHED: Final = 4096
+_MILLIS: Final = tuple(timedelta(milliseconds=i) for i in range(1000))
 _new_position: Final = tuple.__new__  # Position(...) without the keyword-handling __new__: 0.26 us, not 0.46
 
 
