@@ -161,7 +161,9 @@ def _replay(config: Config, args: argparse.Namespace, stop: threading.Event) -> 
     from .service import replay
 
     min_idle = config.reclaim_idle_ms if args.min_idle_ms is None else args.min_idle_ms
-    summary = replay(config, min_idle_ms=min_idle, limit=args.limit, dry_run=args.dry_run, stop=stop)
+    # A page whose writes cannot finish within SHUTDOWN_TIMEOUT_S is given up (exit 1; still pending).
+    summary = replay(config, min_idle_ms=min_idle, limit=args.limit, dry_run=args.dry_run, stop=stop,
+                     page_timeout_s=config.shutdown_timeout_s)
     print(summary.line(), flush=True)
     return 0 if summary.settled else 1
 

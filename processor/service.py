@@ -21,7 +21,7 @@ from .core.config import Config
 from .core.consumer import StreamConsumer, redis_client, translate
 from .core.deadletter import DeadLetters
 from .core.decode import Decoder
-from .core.errors import MigrationError
+from .core.errors import MigrationError, StreamGoneError
 from .core.health import Health
 from .core.httpserver import MetricsServer
 from .core.metrics import Metrics
@@ -220,6 +220,12 @@ def replay(config: Config, *, min_idle_ms: int, limit: int | None, dry_run: bool
         _replay_claims(config, consumer, client, summary, min_idle_ms=min_idle_ms, limit=limit, stop=stop,
                        page_timeout_s=page_timeout_s)
         consumer.delete_consumer_if_idle(name)
+    except StreamGoneError:
+        # A new deployment before the service first ran: no group, so nothing can be pending.
+        log.info("replay: stream %s has no group %s yet; nothing to claim", config.stream_key,
+                 config.consumer_group)
+        if dry_run:
+            summary.eligible = 0
     finally:
         client.close()
     return summary

@@ -93,7 +93,8 @@ def test_replay_claims_only_entries_idle_long_enough(service_env, redis_client, 
 def test_replay_exits_1_when_postgres_is_unreachable_and_leaves_the_entries_pending(service_env, redis_client,
                                                                                    pg_url, keys):
     _orphans(redis_client, keys, 50)
-    env = dict(service_env, POSTGRES_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
+    env = dict(service_env, POSTGRES_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+               SHUTDOWN_TIMEOUT_S="2")
     code, out, err, took = run_cli(env, "replay", "--min-idle-ms", "0")
     assert code == 1, (out, err)
     assert SUMMARY.match(out).groups() == ("50", "0", "0", "0", "50", "0")
@@ -101,7 +102,7 @@ def test_replay_exits_1_when_postgres_is_unreachable_and_leaves_the_entries_pend
     assert pending_count(redis_client, keys["stream"], keys["group"]) == 50
     assert _consumers(redis_client, keys) == {"dead-consumer": 0, f"{keys['consumer']}-replay": 50}
     assert redis_client.xlen(keys["dead"]) == 0
-    assert took < 60, took  # one page waits REPLAY's 30 s page timeout, then gives up
+    assert took < 20, took  # the page waits SHUTDOWN_TIMEOUT_S (2 s here), then gives up
     # Once PostgreSQL is back, the next run settles them.
     code, out, _, _ = run_cli(service_env, "replay", "--min-idle-ms", "0")
     assert (code, out) == (0, "claimed=50 inserted=50 duplicate=0 dead_lettered=0 failed=0 lost=0\n")
@@ -149,3 +150,13 @@ def test_replay_alongside_a_busy_service_settles_each_entry_once(service_env, re
         assert proc.wait(20) == 0
     assert (code, out) == (0, "claimed=2000 inserted=2000 duplicate=0 dead_lettered=0 failed=0 lost=0\n")
     assert live[0] >= 1000, live  # the service was writing all along
+
+
+def test_replay_before_the_group_exists_claims_nothing_and_exits_0(service_env, redis_client, keys):
+    # A new deployment: cron runs replay before the service ever created its group.
+    redis_client.xadd(keys["stream"], {"payload": b"{}"})
+    code, out, err, _ = run_cli(service_env, "replay")
+    assert (code, out) == (0, "claimed=0 inserted=0 duplicate=0 dead_lettered=0 failed=0 lost=0\n"), err
+    code, out, err, _ = run_cli(service_env, "replay", "--dry-run")
+    assert code == 0 and out.endswith("eligible=0 dry_run=true\n"), (out, err)
+    assert redis_client.xinfo_groups(keys["stream"]) == []  # replay creates nothing

@@ -68,7 +68,9 @@ def translate(what: str, call: Callable[[], T]) -> T:
         raise ProcessorError(f"{what}: {redact(exc)}") from exc
 
 
-_NOGROUP = re.compile(r"(?:^|caused error: )NOGROUP\b")
+# NOGROUP: the group or the stream is gone. UNBLOCKED: Redis 7 ends a blocked XREADGROUP that way
+# when the stream key is deleted under it. Both mean "recreate the group" (CONTRACT 4 rule 11).
+_NOGROUP = re.compile(r"(?:^|caused error: )(?:NOGROUP|UNBLOCKED)\b")
 
 
 def _id_str(entry_id: Any) -> str:

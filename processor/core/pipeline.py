@@ -25,7 +25,7 @@ from prometheus_client import Histogram
 from .consumer import Entry, StreamConsumer, entry_time_ms
 from .deadletter import DeadLetter, DeadLetters
 from .decode import Decoder
-from .errors import StreamGoneError, TransientError
+from .errors import ProcessorError, StreamGoneError, TransientError
 from .health import Health
 from .metrics import Metrics
 from .state import DeviceState, StateView
@@ -398,7 +398,7 @@ class Pipeline:
             self.settle(block_s=min(0.2, max(deadline - time.monotonic(), 0.01)))
         try:
             self._flush_acks()
-        except (TransientError, StreamGoneError) as exc:
+        except ProcessorError as exc:  # any kind: the stop sequence must go on
             log.warning("final XACK failed; those entries stay pending and will be written again: %s", exc)
         return not self.inflight and not self._unacked and not self._transient_failures
 

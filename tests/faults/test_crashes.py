@@ -164,9 +164,6 @@ def test_an_unexpected_error_in_the_main_loop_exits_1_after_the_graceful_sequenc
     redis_client.delete(keys["stream"])
 
 
-@pytest.mark.xfail(strict=True, reason="DEL of the stream while XREADGROUP blocks on it answers "
-                   "'UNBLOCKED the stream key no longer exists', which consumer.translate() turns into a "
-                   "ProcessorError: the process exits 1 instead of recreating the group (CONTRACT 4 rule 11)")
 def test_the_stream_deleted_while_the_processor_waits_on_it_is_recreated(fault_env, redis_client, pg_url, keys):
     with ServiceProcess(fault_env) as proc:
         proc.wait_for_log("processor ready")
@@ -180,9 +177,6 @@ def test_the_stream_deleted_while_the_processor_waits_on_it_is_recreated(fault_e
     assert assert_nothing_lost(redis_client, pg_url, keys, published) == Outcome(10, {}, {})
 
 
-@pytest.mark.xfail(strict=True, reason="an error other than TransientError/StreamGoneError on the final XACK "
-                   "escapes Pipeline.drain(), so Service.stop() is cut short: writer, monitor, HTTP server and "
-                   "Redis are not closed and 'processor stopped' is never logged")
 def test_a_non_transient_error_on_xack_still_runs_the_graceful_sequence(fault_env, redis_client, pg_url, keys):
     # As above, but the rows are fine: the first Redis call after the write is the XACK, on a string key.
     env = dict(fault_env, BATCH_SIZE="10", MAX_INFLIGHT_BATCHES="1")
