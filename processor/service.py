@@ -116,21 +116,14 @@ class Service:
         return bool(ok)
 
     def _build_pipeline(self, consumer: StreamConsumer, writer: Writer) -> Pipeline:
-        cfg = self.config
         handlers = self.handlers
         if handlers is None:
             # The one seam where domain rules plug in; the core never imports them.
             from .domain import default_handlers
-            handlers = default_handlers(cfg)
+            handlers = default_handlers(self.config)
         assert self.redis is not None
-        return Pipeline(
-            consumer=consumer,
-            decoder=Decoder(max_payload_bytes=cfg.max_payload_bytes, max_future_skew_s=cfg.max_future_skew_s),
-            state=self.state, writer=writer,
-            dead_letters=DeadLetters(client=self.redis, stream=cfg.dead_letter_stream,
-                                     source_stream=cfg.stream_key, group=cfg.consumer_group),
-            metrics=self.metrics, health=self.health, max_inflight=cfg.max_inflight_batches,
-            max_deliveries=cfg.max_deliveries, reclaim_idle_ms=cfg.reclaim_idle_ms, handlers=handlers)
+        return build_pipeline(self.config, consumer=consumer, client=self.redis, writer=writer,
+                              metrics=self.metrics, health=self.health, state=self.state, handlers=handlers)
 
     # --- run and stop ---
 
@@ -179,6 +172,22 @@ class Service:
             self.redis.close()
         log.info("processor stopped", extra={"clean": clean})
         return EXIT_OK if clean else EXIT_UNCLEAN
+
+
+def build_pipeline(config: Config, *, consumer: StreamConsumer, client: redis.Redis, writer: Writer,
+                   metrics: Metrics, health: Health, state: DeviceState, handlers: Sequence[BatchHandler] = (),
+                   reclaim_idle_ms: int | None = None) -> Pipeline:
+    """The pipeline as the configuration says (the service and replay share it)."""
+    return Pipeline(
+        consumer=consumer,
+        decoder=Decoder(max_payload_bytes=config.max_payload_bytes, max_future_skew_s=config.max_future_skew_s),
+        state=state, writer=writer,
+        dead_letters=DeadLetters(client=client, stream=config.dead_letter_stream, source_stream=config.stream_key,
+                                 group=config.consumer_group),
+        metrics=metrics, health=health, max_inflight=config.max_inflight_batches,
+        max_deliveries=config.max_deliveries,
+        reclaim_idle_ms=config.reclaim_idle_ms if reclaim_idle_ms is None else reclaim_idle_ms,
+        handlers=handlers)
 
 
 # --- replay (CONTRACT 6) ---
@@ -236,14 +245,9 @@ def _replay_claims(config: Config, consumer: StreamConsumer, client: redis.Redis
     metrics = Metrics(version=__version__)
     writer = Writer(dsn=config.postgres_url, threads=config.writer_threads, metrics=metrics)
     writer.start()
-    pipeline = Pipeline(
-        consumer=consumer,
-        decoder=Decoder(max_payload_bytes=config.max_payload_bytes, max_future_skew_s=config.max_future_skew_s),
-        state=DeviceState(max_devices=config.device_state_max), writer=writer,
-        dead_letters=DeadLetters(client=client, stream=config.dead_letter_stream,
-                                 source_stream=config.stream_key, group=config.consumer_group),
-        metrics=metrics, health=Health(block_ms=config.block_ms), max_inflight=config.max_inflight_batches,
-        max_deliveries=config.max_deliveries, reclaim_idle_ms=min_idle_ms, handlers=())
+    pipeline = build_pipeline(config, consumer=consumer, client=client, writer=writer, metrics=metrics,
+                              health=Health(block_ms=config.block_ms),
+                              state=DeviceState(max_devices=config.device_state_max), reclaim_idle_ms=min_idle_ms)
     try:
         while not stop.is_set() and (limit is None or summary.claimed < limit):
             remaining = None if limit is None else limit - summary.claimed
