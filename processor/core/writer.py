@@ -43,6 +43,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -321,7 +322,9 @@ class Writer:
             return False
         try:
             with _transaction(conn) as cur:
-                data = _copy_text(batch, numbered=False)
+                data = _copy_text_fast(batch)
+                if data is None:
+                    data = _copy_text(batch, numbered=False)
                 cur.copy_expert(DIRECT_COPY_SQL, io.BytesIO(data), size=max(len(data), 1))
                 if cur.rowcount != len(batch):
                     raise _NotAllStored()  # rolls the transaction back
@@ -596,6 +599,53 @@ def _copy_text(batch: list[Record], numbered: bool = True) -> bytes:
                 f"{null if event_id is None else event_id}\t{attrs}\n")
         append(f"{seq}\t{line}" if numbered else line)
     return "".join(lines).encode()
+
+
+def _copy_text_fast(batch: list[Record]) -> bytes | None:
+    """The direct COPY's text (no ``seq``), as :func:`_copy_text` makes it, in about 60% of the time;
+    None when the batch holds something this way could get wrong (then use _copy_text).
+
+    orjson formats the ten scalar columns of every row in one call: its floats are the
+    shortest round-trip decimals, digit for digit those of ``repr`` (at most the
+    notation differs, 1e-05 against 0.00001: the same decimal number); its datetimes are
+    ``isoformat()``'s text; its integers are ``str()``'s. The JSON is then turned into
+    COPY text by replacing ``,null`` with ``\\N``, dropping the quotes and turning commas
+    into tabs, which is exact only for what is checked first: device ids that are
+    alphanumeric (no quote, comma, backslash or control character), datetimes that are
+    UTC or naive, and numbers that are plain ints, floats or None and finite (orjson
+    writes NaN and infinity as null: the null count must be the None count).
+    """
+    dumps = orjson.dumps
+    positions = list(map(_POSITION, batch))
+    try:
+        if not all(map(str.isalnum, map(_DEVICE, positions))):
+            return None
+        stamps = list(map(_TS, positions))
+        if set(map(type, stamps)) != {datetime} or not _FAST_ZONES.issuperset(map(_TZINFO, stamps)):
+            return None
+        numbers = list(itertools.chain.from_iterable(map(_NUMBERS, positions)))
+        if not _FAST_NUMBERS.issuperset(map(type, numbers)):
+            return None
+        text = dumps(list(map(_SCALARS, positions)))
+    except TypeError:  # a device id that is not a str; an integer past 64 bits (JSONEncodeError)
+        return None
+    if text.count(b",null") != numbers.count(None):
+        return None  # NaN or infinity somewhere
+    attrs = [dumps(a) if a else b"{}" for a in map(_ATTRIBUTES, positions)]
+    rows = text[2:-2].replace(b",null", b",\\N").replace(b'"', b"").replace(b",", b"\t").split(b"]\t[")
+    return b"".join([row + b"\t" + (a.replace(b"\\", b"\\\\") if b"\\" in a else a) + b"\n"
+                     for row, a in zip(rows, attrs)])
+
+
+_POSITION = operator.itemgetter(1)  # Record.position
+_DEVICE = operator.itemgetter(0)  # Position.device_id
+_TS = operator.itemgetter(1)  # Position.ts
+_NUMBERS = operator.itemgetter(slice(2, 10))  # latitude .. event_id
+_SCALARS = operator.itemgetter(slice(0, 10))  # device_id .. event_id
+_ATTRIBUTES = operator.itemgetter(10)
+_TZINFO = operator.attrgetter("tzinfo")
+_FAST_ZONES = frozenset((timezone.utc, None))
+_FAST_NUMBERS = frozenset((int, float, type(None)))
 
 
 def _escape(text: str) -> str:
