@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import operator
 import threading
 import time
 import weakref
@@ -209,9 +210,9 @@ class Pipeline:
         self._settle_unwritable(letters, lost)
         if not records:
             return None
-        self.state.update((r.position for r in records), now)
+        self.state.update(map(_POSITION, records), now)
         self.metrics.devices_tracked.set(len(self.state))
-        batch = Batch(records, self.writer.submit(records), time.monotonic(), [r.entry_id for r in records])
+        batch = Batch(records, self.writer.submit(records), time.monotonic(), list(map(_ENTRY_ID, records)))
         batch.future.add_done_callback(self._committed_callback(batch))
         self._inflight_ids.update(batch.ids)
         self.inflight.append(batch)
@@ -439,6 +440,8 @@ def tune_gc() -> None:
 
 
 _new_record = tuple.__new__  # Record(...) without the Python-level __new__, for the per-entry loop
+_ENTRY_ID = operator.itemgetter(0)  # Record.entry_id, without a Python-level loop
+_POSITION = operator.itemgetter(1)  # Record.position
 _INSERTED = WriteStatus.INSERTED
 _DUPLICATE = WriteStatus.DUPLICATE
 
