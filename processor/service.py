@@ -256,6 +256,9 @@ def _replay_claims(config: Config, consumer: StreamConsumer, client: redis.Redis
                 writer.cancel_retries()
                 pipeline.drain(time.monotonic() + 5)
                 break
+            t = pipeline.totals
+            log.info("replay progress: claimed=%d inserted=%d duplicate=%d dead_lettered=%d", summary.claimed,
+                     t.inserted, t.duplicate, t.dead_lettered)
             if pipeline.reclaim_cursor == "0-0":
                 break
     finally:
