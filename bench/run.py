@@ -378,13 +378,13 @@ def drain_run(bench: Bench, argvs: Sequence[list[str]], stream: str, total: int,
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _proc_cpu_s(path: str) -> float:
-    """utime + stime of a /proc/<pid>[/task/<tid>]/stat file, in seconds (0 when gone)."""
+def _proc_cpu_s(path: str, kernel_only: bool = False) -> float:
+    """utime + stime (or stime alone) of a /proc/<pid>[/task/<tid>]/stat file, in seconds (0 when gone)."""
     try:
         fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return (int(fields[12]) + (0 if kernel_only else int(fields[11]))) / CLOCK_TICKS
 
 
 def redis_cpu_s(client: redis.Redis) -> float:
@@ -394,15 +394,17 @@ def redis_cpu_s(client: redis.Redis) -> float:
 
 
 def cpu_breakdown(instances: Sequence[Instance], pg_url: str, redis_s: float, total: int) -> dict[str, float]:
-    """Microseconds of CPU per position: the contender's main thread, its other threads, its
-    PostgreSQL backends, and the Redis server, read while they are still alive."""
-    main = others = 0.0
+    """Microseconds of CPU per position: the contender's main thread (and the part of it spent in
+    the kernel), its other threads, its PostgreSQL backends, and the Redis server, read while they
+    are still alive."""
+    main = main_kernel = others = 0.0
     for inst in instances:
         pid = inst.proc.pid
         for task in Path(f"/proc/{pid}/task").glob("*"):
             seconds = _proc_cpu_s(f"{task}/stat")
             if task.name == str(pid):
                 main += seconds
+                main_kernel += _proc_cpu_s(f"{task}/stat", kernel_only=True)
             else:
                 others += seconds
     backends = 0.0
@@ -415,7 +417,8 @@ def cpu_breakdown(instances: Sequence[Instance], pg_url: str, redis_s: float, to
     finally:
         conn.close()
     per = 1e6 / total
-    return {"main_thread": round(main * per, 1), "other_threads": round(others * per, 1),
+    return {"main_thread": round(main * per, 1), "main_thread_kernel": round(main_kernel * per, 1),
+            "other_threads": round(others * per, 1),
             "postgres_backends": round(backends * per, 1), "redis_server": round(redis_s * per, 1)}
 
 

@@ -1,0 +1,80 @@
+"""The benchmark harness in its quick mode (issue 6): it runs end to end and its JSON has every section.
+
+``bench/run.py --quick`` moves 2,000 positions through each contender. No timing is
+asserted (CI machines vary): only that every contender moved exactly the positions it
+was given, that every figure is a positive number, and that the table was printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_POSITIONS = 2_000
+SECTIONS = ("machine", "scale", "ceiling", "catch_up", "baseline", "latency", "memory", "scale_out",
+            "ratios", "targets")
+
+
+def _positive(section: dict[str, Any], *names: str) -> None:
+    for name in names:
+        value = section[name]
+        assert isinstance(value, (int, float)) and value > 0, f"{name} = {value!r}"
+
+
+def _drained_exactly(section: dict[str, Any], positions: int) -> None:
+    assert section["positions"] == positions
+    assert section["rows"] == positions
+    assert section["dead_letters"] == 0
+    _positive(section, "seconds", "per_s", "seconds_from_first_read", "per_s_from_first_read")
+    assert all(code == 0 for code in section["exit_codes"]), section["exit_codes"]
+    assert set(section["cpu_us_per_position"]) == {"main_thread", "main_thread_kernel", "other_threads",
+                                                   "postgres_backends", "redis_server"}
+
+
+def test_quick_benchmark_runs_every_contender_and_writes_the_json(redis_url: str, pg_admin_url: str,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    env = {**os.environ, "REDIS_URL": redis_url, "POSTGRES_URL": pg_admin_url}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+
+    assert set(SECTIONS) <= set(results)
+    assert results["quick"] is True
+    assert results["scale"]["positions"] == QUICK_POSITIONS
+    assert results["machine"]["cores"] >= 1 and results["machine"]["postgresql"]
+
+    ceiling = results["ceiling"]
+    assert ceiling["positions"] == ceiling["rows"] == QUICK_POSITIONS
+    _positive(ceiling, "seconds", "per_s")
+    _drained_exactly(results["catch_up"], QUICK_POSITIONS)
+    _drained_exactly(results["baseline"], QUICK_POSITIONS)
+    assert [s["instances"] for s in results["scale_out"]] == [1, 2, 3]
+    for run in results["scale_out"]:
+        _drained_exactly(run, QUICK_POSITIONS)
+
+    latency = results["latency"]
+    assert latency["positions"] > 0
+    assert latency["rows"] == latency["metric_observations"] == latency["positions"]
+    assert latency["exit_code"] == 0
+    _positive(latency, "achieved_per_s", "db_p50_ms", "db_p99_ms", "db_max_ms", "metric_p50_ms", "metric_p99_ms",
+              "metric_share_within_200ms")
+    assert latency["db_p50_ms"] <= latency["db_p99_ms"] <= latency["db_max_ms"]
+
+    memory = results["memory"]
+    assert memory["rows"] == memory["devices_tracked"] == memory["devices"] == results["scale"]["memory_devices"]
+    assert memory["exit_code"] == 0
+    _positive(memory, "peak_rss_mb")
+
+    _positive(results["ratios"], "catch_up_vs_ceiling", "catch_up_vs_baseline")
+    assert set(results["targets"]) == {"catch_up_vs_ceiling", "catch_up_vs_baseline", "latency_p99_ms",
+                                       "peak_rss_mb"}
+    assert all(isinstance(t["met"], bool) for t in results["targets"].values())
+    for line in ("COPY ceiling", "processor catch-up", "baseline (bench/baseline.py)", "latency at", "targets:"):
+        assert line in proc.stdout
