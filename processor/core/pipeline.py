@@ -30,7 +30,8 @@ from .errors import ProcessorError, StreamGoneError, TransientError
 from .health import Health
 from .metrics import Metrics
 from .state import DeviceState, StateView
-from .types import DB_REJECTED, MAX_DELIVERIES, MISSING_PAYLOAD, Record, Rejection, WriteResult, WriteStatus
+from .types import (DB_REJECTED, INSERTED, MAX_DELIVERIES, MISSING_PAYLOAD, Record, Rejection, WriteResult,
+                    WriteStatus)
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,10 @@ class Pipeline:
         letters: list[DeadLetter] = []
         inserted = duplicate = failed = 0
         commit_s = batch.committed_at or self.clock()
-        for record, result in zip(batch.records, results):
+        mixed: Sequence[WriteResult] = results
+        if results.count(INSERTED) == len(batch.records):  # the usual batch, all new: no per-record loop
+            stored, inserted, mixed = batch.ids, len(batch.records), ()
+        for record, result in zip(batch.records, mixed):
             status = result.status
             if status is _INSERTED:
                 inserted += 1

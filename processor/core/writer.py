@@ -339,9 +339,13 @@ class Writer:
 
     def _account(self, results: list[WriteResult], reason: str | None, seconds: float) -> None:
         """Health, metrics and the per-batch debug line for one attempt."""
-        inserted = sum(1 for r in results if r is INSERTED)
-        duplicates = sum(1 for r in results if r is DUPLICATE)
-        rejected = len(results) - inserted - duplicates - _transient_count(results)
+        inserted = results.count(INSERTED)  # identity first: C speed while all are the singleton
+        if inserted == len(results):
+            duplicates = rejected = 0
+        else:
+            inserted = sum(1 for r in results if r is INSERTED)
+            duplicates = sum(1 for r in results if r is DUPLICATE)
+            rejected = len(results) - inserted - duplicates - _transient_count(results)
         if reason is None:
             self._succeeded()
         else:
