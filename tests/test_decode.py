@@ -296,7 +296,8 @@ def test_wrong_json_type_is_invalid_type(field: str, value: Any) -> None:
 
 
 def test_invalid_type_detail_is_exact() -> None:
-    assert_rejected(decode(with_(satellites=5.0)), types.INVALID_TYPE, "satellites: expected an integer, got number 5.0")
+    assert_rejected(decode(with_(satellites=5.0)), types.INVALID_TYPE,
+                    "satellites: expected an integer, got number 5.0")
     assert_rejected(decode(with_(latitude=True)), types.INVALID_TYPE, "latitude: expected a number, got boolean True")
 
 
@@ -453,7 +454,8 @@ def test_device_id_round_trips_exactly(device_id: str) -> None:
 
 
 def test_long_device_id_detail_is_bounded() -> None:
-    result = assert_rejected(decode(with_(device_id="\x01" + "y" * 50_000)), types.INVALID_DEVICE_ID, "device_id has 50001 characters, not 1-64")
+    result = assert_rejected(decode(with_(device_id="\x01" + "y" * 50_000)), types.INVALID_DEVICE_ID,
+                             "device_id has 50001 characters, not 1-64")
     result = assert_rejected(decode(with_(device_id="\x01" + "y" * 60)), types.INVALID_DEVICE_ID)
     assert "y" * 70 not in result.detail
 
@@ -608,7 +610,8 @@ def test_deep_nesting_in_an_ignored_field_is_harmless() -> None:
 @pytest.mark.parametrize("attributes,text", [
     (None, "{}"), ({}, "{}"), ({"1": 1}, '{"1":1}'),
     ({"a": "é\t\n\\\"", "b": [True, None, 1.5]}, '{"a":"é\\t\\n\\\\\\"","b":[true,null,1.5]}'),
-    ({"big": 18446744073709551615, "neg": -9223372036854775808}, '{"big":18446744073709551615,"neg":-9223372036854775808}'),
+    ({"big": 18446744073709551615, "neg": -9223372036854775808},
+     '{"big":18446744073709551615,"neg":-9223372036854775808}'),
 ])
 def test_dumps_attributes(attributes: dict[str, Any] | None, text: str) -> None:
     assert dumps_attributes(attributes) == text
