@@ -139,3 +139,24 @@ def test_pending_stops_growing_at_the_inflight_bound_while_postgres_cannot_write
         blocker.rollback()
         wait_until(lambda: _settled(redis_client, keys, pg_url, 3000), 60)
     blocker.close()
+
+
+def test_no_reclaim_while_postgres_is_down_so_delivery_counts_stay_put(
+        redis_url, redis_client, throwaway_postgres, keys):
+    # Below the in-flight bound, so the loop keeps turning (and would reclaim) while the writes wait.
+    config = config_for(redis_url, throwaway_postgres.url, keys, batch_size=50, max_inflight_batches=10,
+                        reclaim_idle_ms=300)
+    with InProcessService(config, monitor_interval_s=0.2) as svc:
+        throwaway_postgres.stop()
+        publish(redis_client, keys["stream"], _fleet(100, 10))
+        wait_until(lambda: pending_count(redis_client, keys["stream"], keys["group"]) == 100, 30)
+        wait_until(lambda: not svc.service.health.ready()[0], 10, message="not ready")
+        import time
+        time.sleep(3)  # ten RECLAIM_IDLE_MS: before the fix, every turn claimed the idle in-flight entries
+        counts = {r["times_delivered"] for r in
+                  redis_client.xpending_range(keys["stream"], keys["group"], "-", "+", 200)}
+        assert counts == {1}
+        assert svc.sample("processor_reclaimed_total") == 0
+        throwaway_postgres.start()
+        wait_until(lambda: _settled(redis_client, keys, throwaway_postgres.url, 100), 60)
+    assert svc.exit_code == 0

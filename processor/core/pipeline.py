@@ -138,7 +138,7 @@ class Pipeline:
         try:
             if not self.inflight or time.monotonic() >= self._next_reclaim:
                 self._flush_acks()  # idle: now, not with a read that may block for BLOCK_MS
-            if time.monotonic() >= self._next_reclaim:
+            if time.monotonic() >= self._next_reclaim and self._postgres_ok():
                 self.reclaim_once()
             entries = self._read()
             self.health.redis_result(None)
@@ -365,6 +365,12 @@ class Pipeline:
         self._unacked = []
 
     # --- reclaim (CONTRACT 4 rule 5) ---
+
+    def _postgres_ok(self) -> bool:
+        """No reclaim while PostgreSQL is failing: claimed entries could not be written anyway, and
+        claiming our own idle in-flight entries would only raise their delivery counts."""
+        ready, why = self.health.ready()
+        return ready or "postgres:" not in why
 
     @property
     def reclaim_cursor(self) -> str:
