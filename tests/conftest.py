@@ -23,7 +23,7 @@ import pytest
 import redis
 
 # Throwaway servers on free ports (initdb/postgres, redis-server), for tests that stop, kill or restart one.
-from tests.servers import (throwaway_postgres, throwaway_postgres_factory,  # noqa: E402,F401
+from tests.servers import (apply_schema, throwaway_postgres, throwaway_postgres_factory,  # noqa: E402,F401
                            throwaway_redis, throwaway_redis_factory)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,15 +122,9 @@ def _admin_exec(admin_url: str, sql: str) -> None:
 @pytest.fixture(scope="session")
 def pg_template(pg_admin_url: str) -> str:
     """A template database that already has the schema; fresh databases are cloned from it."""
-    from processor.core.db import schema_sql
-
     name = f"tp_template_{uuid.uuid4().hex[:8]}"
     _admin_exec(pg_admin_url, f'CREATE DATABASE "{name}"')
-    conn = psycopg2.connect(with_database(pg_admin_url, name))
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(schema_sql())
-    conn.close()
+    apply_schema(with_database(pg_admin_url, name))
     yield name
     _admin_exec(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -72,6 +72,13 @@ def row_count(pg_url: str, where: str = "TRUE") -> int:
         conn.close()
 
 
+def hold_write_lock(pg_url: str):
+    """A connection holding an EXCLUSIVE lock on positions (writes wait, reads do not) until rolled back."""
+    conn = psycopg2.connect(pg_url)
+    conn.cursor().execute("LOCK TABLE positions IN EXCLUSIVE MODE")
+    return conn
+
+
 def pending_count(client: redis.Redis, stream: str, group: str) -> int:
     try:
         return int(client.xpending(stream, group)["pending"])

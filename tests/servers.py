@@ -46,20 +46,16 @@ def apply_schema(url: str) -> None:
         conn.close()
 
 
-@pytest.fixture
-def throwaway_postgres_factory() -> Iterator[Callable[..., ThrowawayPostgres]]:
-    """``make(password=None, ssl=False, schema=True, settings=None)``: a started server,
-    with the processor schema unless ``schema=False``; all removed at teardown."""
-    if postgres_bindir() is None:
-        _missing("PostgreSQL (initdb, postgres)")
-    made: list[ThrowawayPostgres] = []
+def _factory(cls: type, after_start: Callable[..., None] | None = None) -> Iterator[Callable[..., Any]]:
+    """``make(**options)``: a started ``cls`` server (then ``after_start(server, **extra)``); all cleaned up after."""
+    made: list[Any] = []
 
-    def make(*, schema: bool = True, **options: Any) -> ThrowawayPostgres:
-        server = ThrowawayPostgres(**options)
-        made.append(server)
+    def make(*, schema: bool = True, **options: Any) -> Any:
+        server = cls(**options)
+        made.append(server)  # before start(): a server that fails to start is cleaned up too
         server.start()
-        if schema:
-            apply_schema(server.url)
+        if after_start is not None and schema:
+            after_start(server)
         return server
 
     try:
@@ -67,6 +63,15 @@ def throwaway_postgres_factory() -> Iterator[Callable[..., ThrowawayPostgres]]:
     finally:
         for server in made:
             server.cleanup()
+
+
+@pytest.fixture
+def throwaway_postgres_factory() -> Iterator[Callable[..., ThrowawayPostgres]]:
+    """``make(password=None, ssl=False, schema=True, settings=None)``: a started server,
+    with the processor schema unless ``schema=False``; all removed at teardown."""
+    if postgres_bindir() is None:
+        _missing("PostgreSQL (initdb, postgres)")
+    yield from _factory(ThrowawayPostgres, lambda server: apply_schema(server.url))
 
 
 @pytest.fixture
@@ -80,19 +85,7 @@ def throwaway_redis_factory() -> Iterator[Callable[..., ThrowawayRedis]]:
     """``make(password=None, tls=False, appendonly=False)``: a started server; all removed at teardown."""
     if redis_server_binary() is None:
         _missing("redis-server")
-    made: list[ThrowawayRedis] = []
-
-    def make(**options: Any) -> ThrowawayRedis:
-        server = ThrowawayRedis(**options)
-        made.append(server)
-        server.start()
-        return server
-
-    try:
-        yield make
-    finally:
-        for server in made:
-            server.cleanup()
+    yield from _factory(ThrowawayRedis)
 
 
 @pytest.fixture

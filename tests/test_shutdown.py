@@ -5,9 +5,8 @@ from __future__ import annotations
 import signal
 import time
 
-import psycopg2
-
-from tests.helpers import BASE_MS, ServiceProcess, payload, pending_count, publish, row_count, wait_until
+from tests.helpers import (BASE_MS, ServiceProcess, hold_write_lock, payload, pending_count, publish, row_count,
+                           wait_until)
 
 LIFECYCLE = ["processor starting", "Postgres connected", "migrations applied", "Redis connected",
              "consumer started on stream", "processor ready"]
@@ -16,12 +15,6 @@ LIFECYCLE = ["processor starting", "Postgres connected", "migrations applied", "
 def _in_order(messages: list[str], expected: list[str]) -> bool:
     it = iter(messages)
     return all(any(want in m for m in it) for want in expected)
-
-
-def _hold_write_lock(pg_url: str):
-    conn = psycopg2.connect(pg_url)
-    conn.cursor().execute("LOCK TABLE positions IN EXCLUSIVE MODE")  # writes wait, reads do not
-    return conn
 
 
 def _load(redis_client, keys, n: int = 500) -> list[str]:
@@ -43,7 +36,7 @@ def test_sigterm_while_idle_exits_0_within_2_seconds(service_env):
 
 def test_sigterm_waits_for_a_write_blocked_by_a_lock_then_exits_0(service_env, redis_client, pg_url, keys):
     _load(redis_client, keys)
-    blocker = _hold_write_lock(pg_url)
+    blocker = hold_write_lock(pg_url)
     with ServiceProcess(service_env) as proc:
         wait_until(lambda: pending_count(redis_client, keys["stream"], keys["group"]) == 500, 30)
         proc.signal(signal.SIGTERM)
@@ -60,7 +53,7 @@ def test_sigterm_waits_for_a_write_blocked_by_a_lock_then_exits_0(service_env, r
 def test_write_outlasting_the_shutdown_timeout_exits_1_and_leaves_entries_pending(
         service_env, redis_client, pg_url, keys):
     _load(redis_client, keys)
-    blocker = _hold_write_lock(pg_url)
+    blocker = hold_write_lock(pg_url)
     env = dict(service_env, SHUTDOWN_TIMEOUT_S="4")
     with ServiceProcess(env) as proc:
         wait_until(lambda: pending_count(redis_client, keys["stream"], keys["group"]) == 500, 30)
@@ -85,7 +78,7 @@ def test_write_outlasting_the_shutdown_timeout_exits_1_and_leaves_entries_pendin
 
 def test_a_second_signal_exits_at_once(service_env, redis_client, pg_url, keys):
     _load(redis_client, keys, 100)
-    blocker = _hold_write_lock(pg_url)
+    blocker = hold_write_lock(pg_url)
     with ServiceProcess(service_env) as proc:
         wait_until(lambda: pending_count(redis_client, keys["stream"], keys["group"]) == 100, 30)
         proc.signal(signal.SIGTERM)

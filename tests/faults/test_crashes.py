@@ -10,7 +10,7 @@ import pytest
 
 from tests.faults.conftest import (Outcome, assert_nothing_lost, fleet_entries, log_entries, publish_entries,
                                    scrape, wait_or_explain, with_metrics)
-from tests.helpers import BASE_MS, ServiceProcess, payload, pending_count, row_count, wait_until
+from tests.helpers import BASE_MS, ServiceProcess, hold_write_lock, payload, pending_count, row_count, wait_until
 
 LOAD = 50_000
 
@@ -118,10 +118,11 @@ def test_three_instances_starting_at_once_on_a_fresh_database_migrate_once(fault
     assert assert_nothing_lost(redis_client, empty_pg_url, keys, published) == Outcome(30, {}, {})
 
 
-def _hold_write_lock(pg_url: str):
-    conn = psycopg2.connect(pg_url)
-    conn.cursor().execute("LOCK TABLE positions IN EXCLUSIVE MODE")  # writes wait, reads do not
-    return conn
+def _turn_the_stream_into_a_string(client, key: str) -> None:
+    """Atomically replace the stream by a string: the processor's next call on it gets WRONGTYPE."""
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(key).set(key, "not a stream")
+    pipe.execute()
 
 
 def _writer_waiting_on_lock(pg_url: str) -> bool:
@@ -143,14 +144,12 @@ def test_an_unexpected_error_in_the_main_loop_exits_1_after_the_graceful_sequenc
     with pg_conn.cursor() as cur:
         cur.execute("ALTER TABLE positions ADD CONSTRAINT no_doomed CHECK (device_id <> 'doomed')")
     env = dict(fault_env, BATCH_SIZE="10", MAX_INFLIGHT_BATCHES="1")
-    blocker = _hold_write_lock(pg_url)
+    blocker = hold_write_lock(pg_url)
     with ServiceProcess(env) as proc:
         proc.wait_for_log("processor ready")
         publish_entries(redis_client, keys["stream"], [{b"payload": payload("doomed", BASE_MS + n)} for n in range(10)])
         wait_or_explain(proc, lambda: _writer_waiting_on_lock(pg_url), 30, 0.05, "the write waiting on the lock")
-        pipe = redis_client.pipeline(transaction=True)
-        pipe.delete(keys["stream"]).set(keys["stream"], "not a stream")
-        pipe.execute()
+        _turn_the_stream_into_a_string(redis_client, keys["stream"])
         blocker.rollback()
         assert proc.wait(30) == 1
         logs = proc.logs()
@@ -180,7 +179,7 @@ def test_the_stream_deleted_while_the_processor_waits_on_it_is_recreated(fault_e
 def test_a_non_transient_error_on_xack_still_runs_the_graceful_sequence(fault_env, redis_client, pg_url, keys):
     # As above, but the rows are fine: the first Redis call after the write is the XACK, on a string key.
     env = dict(fault_env, BATCH_SIZE="10", MAX_INFLIGHT_BATCHES="1")
-    blocker = _hold_write_lock(pg_url)
+    blocker = hold_write_lock(pg_url)
     with ServiceProcess(env) as proc:
         proc.wait_for_log("processor ready")
         pipe = redis_client.pipeline(transaction=True)  # all ten in the one read that wakes up
@@ -188,9 +187,7 @@ def test_a_non_transient_error_on_xack_still_runs_the_graceful_sequence(fault_en
             pipe.xadd(keys["stream"], {"payload": payload("fine", BASE_MS + n)})
         pipe.execute()
         wait_or_explain(proc, lambda: _writer_waiting_on_lock(pg_url), 30, 0.05, "the write waiting on the lock")
-        pipe = redis_client.pipeline(transaction=True)
-        pipe.delete(keys["stream"]).set(keys["stream"], "not a stream")
-        pipe.execute()
+        _turn_the_stream_into_a_string(redis_client, keys["stream"])
         blocker.rollback()
         assert proc.wait(30) == 1
         logs = proc.logs()
