@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "run":
             return _run(config, stop)
         if command == "migrate":
-            return _migrate(config)
+            return _migrate(config, stop)
         if command == "replay":
             return _replay(config, args, stop)
         if command == "dead-letters":
@@ -139,13 +139,15 @@ def _run(config: Config, stop: threading.Event) -> int:
     return Service(config, stop=stop).run()
 
 
-def _migrate(config: Config) -> int:
+def _migrate(config: Config, stop: threading.Event) -> int:
     from .core import db
 
     try:
         conn = db.connect(config.postgres_url)
         try:
-            db.migrate(conn)
+            if not db.migrate(conn, stop=stop):
+                log.error("migrate stopped while waiting for the migration lock; nothing applied")
+                return 1
         finally:
             conn.close()
     except TransientError as exc:

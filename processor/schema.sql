@@ -7,15 +7,26 @@
 -- and, when the extension is available, on TimescaleDB (hypertable on ts,
 -- 1-day chunks).
 
+-- TimescaleDB must be in shared_preload_libraries before CREATE EXTENSION: without
+-- it the server ends the session with FATAL, which no exception handler can catch.
+-- So look first. The preloaded loader defines the setting timescaledb.disable_load
+-- (readable by any role, unlike shared_preload_libraries itself); when it is absent,
+-- the library is not preloaded: say so and keep positions a plain table.
 DO $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') THEN
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+        NULL;  -- already enabled in this database
+    ELSIF NOT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') THEN
+        NULL;  -- plain PostgreSQL: the NOTICE below says so
+    ELSIF current_setting('timescaledb.disable_load', true) IS NULL THEN
+        RAISE WARNING 'timescaledb is installed but not in shared_preload_libraries; positions stays a plain table. To get a hypertable, add timescaledb to shared_preload_libraries in postgresql.conf, restart PostgreSQL and apply schema.sql again';
+    ELSE
         BEGIN
             CREATE EXTENSION IF NOT EXISTS timescaledb;
         EXCEPTION WHEN OTHERS THEN
-            -- Available but not loadable (not in shared_preload_libraries) or not
-            -- permitted for this role: carry on as plain PostgreSQL.
-            RAISE NOTICE 'timescaledb is available but could not be enabled (%); positions stays a plain table', SQLERRM;
+            -- Preloaded but not permitted for this role (CREATE EXTENSION needs a superuser
+            -- or a trusted install): carry on as plain PostgreSQL.
+            RAISE WARNING 'timescaledb could not be enabled (%); positions stays a plain table', SQLERRM;
         END;
     END IF;
 END
@@ -39,13 +50,14 @@ CREATE TABLE IF NOT EXISTS positions (
 
 DO $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
+       AND current_setting('timescaledb.disable_load', true) IS NOT NULL THEN
         PERFORM create_hypertable('positions', 'ts',
                                   chunk_time_interval => INTERVAL '1 day',
                                   if_not_exists => TRUE,
                                   migrate_data => TRUE);
     ELSE
-        RAISE NOTICE 'TimescaleDB is not available: positions is a plain PostgreSQL table';
+        RAISE NOTICE 'TimescaleDB is not enabled: positions is a plain PostgreSQL table';
     END IF;
 END
 $$;

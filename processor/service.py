@@ -102,7 +102,8 @@ class Service:
             try:
                 log.info("Postgres connected")
                 if self.config.migrate_on_start:
-                    db.migrate(conn)
+                    if not db.migrate(conn, stop=self.stop_event):
+                        return False  # stopped while waiting for the migration lock
                 else:
                     log.info("migrations skipped (MIGRATE_ON_START=false)")
             finally:
@@ -111,7 +112,7 @@ class Service:
 
         ok = db.retry("connect to PostgreSQL", attempt, stop=self.stop_event, tick=self.health.turned,
                       on_error=lambda exc: self.metrics.postgres_errors.inc())
-        if ok:
+        if ok and not self.stop_event.is_set():
             self.health.postgres_result(None)
         return bool(ok)
 

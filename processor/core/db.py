@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from importlib import resources
 from typing import Any, Callable, TypeVar
 
@@ -54,9 +55,25 @@ def classify(exc: BaseException) -> type[TransientError] | type[RowRejectedError
 
 
 def describe(exc: BaseException) -> str:
-    """One line for a database error, credentials masked."""
+    """One line for a database error, credentials masked.
+
+    When the server ended the session with FATAL, psycopg2's exception only says "server
+    closed the connection unexpectedly"; libpq's own message for the connection still holds
+    the FATAL line (the real cause), so that one is used.
+    """
     text = " ".join(str(exc).split()) or type(exc).__name__
+    fuller = " ".join(_connection_error(exc).split())
+    if "FATAL" in fuller and "FATAL" not in text:
+        text = fuller
     return redact(text)
+
+
+def _connection_error(exc: BaseException) -> str:
+    """libpq's last error message for the connection the failed cursor belonged to ("" if none)."""
+    try:
+        return str(exc.cursor.connection.info.error_message or "")  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - no cursor, no connection, an older psycopg2: nothing more to say
+        return ""
 
 
 def connect(dsn: str, *, application_name: str = "telemetry-processor") -> Any:
@@ -119,26 +136,86 @@ def schema_sql() -> str:
     return resources.files("processor").joinpath("schema.sql").read_text(encoding="utf-8")
 
 
-def migrate(conn: Any) -> None:
+LOCK_POLL_S = 0.2
+
+
+def migrate(conn: Any, *, stop: threading.Event | None = None) -> bool:
     """Apply ``schema.sql`` under a session advisory lock, so concurrent starts do not race.
 
+    The lock is taken with ``pg_try_advisory_lock`` in a loop, so a stop request is seen while
+    another session holds it (then False is returned and nothing was applied). The schema's
+    warnings (TimescaleDB installed but not preloaded) are logged as warnings.
+
     Raises TransientError when the connection fails, MigrationError for any other
-    database error (a missing privilege, a conflicting object).
+    database error (a missing privilege, a conflicting object), with the error that
+    caused it: a failing unlock never hides it.
     """
     sql = schema_sql()
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+            if not _advisory_lock(cur, stop):
+                return False
             try:
                 cur.execute(sql)
             finally:
-                cur.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+                _unlock_quietly(conn, cur)
+            kind = _positions_kind(cur)
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         raise TransientError(describe(exc)) from exc
     except psycopg2.Error as exc:
         raise MigrationError(describe(exc)) from exc
     finally:
+        _log_notices(conn)
         if not conn.closed:
             conn.autocommit = False
-    log.info("migrations applied")
+    log.info("migrations applied: positions is %s", kind)
+    return True
+
+
+def _advisory_lock(cur: Any, stop: threading.Event | None) -> bool:
+    """Take the migration lock, waiting while another session holds it; False if ``stop`` came first."""
+    waited = False
+    while True:
+        cur.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        if cur.fetchone()[0]:
+            return True
+        if not waited:
+            log.info("waiting for the migration lock (another instance is applying schema.sql)")
+            waited = True
+        if stop is None:
+            time.sleep(LOCK_POLL_S)
+        elif stop.wait(LOCK_POLL_S):
+            return False
+
+
+def _unlock_quietly(conn: Any, cur: Any) -> None:
+    """Release the lock; on a connection that died the lock went with it, and the error that
+    killed it is the one to report, not "cursor already closed"."""
+    if conn.closed or cur.closed:
+        return
+    try:
+        cur.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+    except psycopg2.Error as exc:
+        log.debug("advisory unlock failed (the session is gone, and its lock with it): %s", describe(exc))
+
+
+def _positions_kind(cur: Any) -> str:
+    cur.execute("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
+    if cur.fetchone()[0]:
+        cur.execute("SELECT count(*) FROM timescaledb_information.hypertables WHERE hypertable_name = 'positions'")
+        if cur.fetchone()[0]:
+            return "a TimescaleDB hypertable"
+    return "a plain PostgreSQL table"
+
+
+def _log_notices(conn: Any) -> None:
+    """The server's WARNINGs from schema.sql as warnings (they need an operator), the rest at debug."""
+    for notice in getattr(conn, "notices", []) or []:
+        text = " ".join(str(notice).split())
+        if text.startswith("WARNING"):
+            log.warning("schema.sql: %s", text.removeprefix("WARNING:").strip())
+        else:
+            log.debug("schema.sql: %s", text)
+    if getattr(conn, "notices", None):
+        del conn.notices[:]
