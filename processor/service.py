@@ -21,7 +21,7 @@ from .core.config import Config
 from .core.consumer import StreamConsumer, redis_client, translate
 from .core.deadletter import DeadLetters
 from .core.decode import Decoder
-from .core.errors import MigrationError, StreamGoneError
+from .core.errors import MigrationError, StreamGoneError, TransientError
 from .core.health import Health
 from .core.httpserver import MetricsServer
 from .core.metrics import Metrics
@@ -202,6 +202,7 @@ class ReplaySummary:
     failed: int = 0
     lost: int = 0
     eligible: int | None = None
+    stopped: str | None = None  # why claiming stopped early (PostgreSQL no longer writable)
 
     def line(self) -> str:
         text = (f"claimed={self.claimed} inserted={self.inserted} duplicate={self.duplicate} "
@@ -212,7 +213,8 @@ class ReplaySummary:
 
     @property
     def settled(self) -> bool:
-        return self.failed == 0 and self.claimed == self.inserted + self.duplicate + self.dead_lettered + self.lost
+        return (self.stopped is None and self.failed == 0
+                and self.claimed == self.inserted + self.duplicate + self.dead_lettered + self.lost)
 
 
 def replay(config: Config, *, min_idle_ms: int, limit: int | None, dry_run: bool,
@@ -245,12 +247,22 @@ def _replay_claims(config: Config, consumer: StreamConsumer, client: redis.Redis
                    min_idle_ms: int, limit: int | None, stop: threading.Event, page_timeout_s: float) -> None:
     metrics = Metrics(version=__version__)
     writer = Writer(dsn=config.postgres_url, threads=config.writer_threads, metrics=metrics)
-    writer.start()
     pipeline = build_pipeline(config, consumer=consumer, client=client, writer=writer, metrics=metrics,
                               health=Health(block_ms=config.block_ms),
                               state=DeviceState(max_devices=config.device_state_max), reclaim_idle_ms=min_idle_ms)
     try:
         while not stop.is_set() and (limit is None or summary.claimed < limit):
+            # Nothing is claimed while PostgreSQL is not writable (CONTRACT 4 rule 14): each claim
+            # counts a delivery and the claimed entries could not be written, so every run during an
+            # outage would walk good entries towards max_deliveries. Asked before every page.
+            try:
+                writer.probe()
+            except TransientError as exc:
+                if not summary.claimed:
+                    raise TransientError(f"PostgreSQL is not writable, nothing claimed: {exc}") from exc
+                summary.stopped = str(exc)
+                log.warning("replay: PostgreSQL is no longer writable, claiming stopped: %s", exc)
+                break
             remaining = None if limit is None else limit - summary.claimed
             summary.claimed += pipeline.reclaim_once(limit=remaining)
             if not pipeline.drain(time.monotonic() + page_timeout_s):

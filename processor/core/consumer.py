@@ -65,12 +65,23 @@ def translate(what: str, call: Callable[[], T]) -> T:
         # Also inside a pipeline, whose error reads "Command # 2 (XREADGROUP ...) of pipeline caused error: NOGROUP ..."
         if _NOGROUP.search(str(exc)):
             raise StreamGoneError(f"{what}: {redact(exc)}") from exc
+        if _REFUSED.search(str(exc)):
+            raise TransientError(f"{what}: Redis refuses it for now: {redact(exc)}") from exc
         raise ProcessorError(f"{what}: {redact(exc)}") from exc
 
 
 # NOGROUP: the group or the stream is gone. UNBLOCKED: Redis 7 ends a blocked XREADGROUP that way
 # when the stream key is deleted under it. Both mean "recreate the group" (CONTRACT 4 rule 11).
 _NOGROUP = re.compile(r"(?:^|caused error: )(?:NOGROUP|UNBLOCKED)\b")
+# Replies that say "not now" rather than "never": OOM at maxmemory, READONLY on a replica after a
+# failover, MISCONF when snapshots fail, LOADING, BUSY, MASTERDOWN, NOREPLICAS, TRYAGAIN, CLUSTERDOWN.
+# They are transient: back off, stay alive, keep the entries pending (redis-py gives the message
+# without the code for some of them, hence the phrases).
+_REFUSED = re.compile(r"(?:^|caused error: )(?:OOM|READONLY|MISCONF|LOADING|BUSY|MASTERDOWN|NOREPLICAS|TRYAGAIN|"
+                      r"CLUSTERDOWN)\b|command not allowed when used memory|You can't write against a read only|"
+                      r"Redis is loading")
+# XCLAIM takes this many ids per command when keeping our own entries fresh.
+TOUCH_CHUNK = 1000
 
 
 def _id_str(entry_id: Any) -> str:
@@ -172,14 +183,42 @@ class StreamConsumer:
         return [Entry(i, fields or None, counts.get(i, 1)) for i, (_, fields) in zip(ids, raw)]
 
     def delivery_counts(self, ids: Sequence[str]) -> dict[str, int]:
-        """Delivery counts of our pending ``ids`` (XPENDING over their range)."""
+        """The exact delivery count of each of ``ids`` (XPENDING of each id alone, one round trip).
+
+        One range over all of them would be cheaper, but its COUNT bounds the rows it returns:
+        other entries of ours inside the range push some of the wanted ones out, and they would
+        be counted as delivered once (a dead letter's ``deliveries`` then lies).
+        """
         if not ids:
             return {}
-        wanted = set(ids)
-        rows = translate("XPENDING", lambda: self.client.xpending_range(
-            self.stream, self.group, min=min(ids, key=_id_key), max=max(ids, key=_id_key),
-            count=len(ids) * 2 + 10, consumername=self.consumer))
-        return {i: int(r["times_delivered"]) for r in rows if (i := _id_str(r["message_id"])) in wanted}
+
+        def query() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for entry_id in ids:
+                pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
+            return pipe.execute()
+
+        counts: dict[str, int] = {}
+        for rows in translate("XPENDING", query):
+            for row in rows:
+                counts[_id_str(row["message_id"])] = int(row["times_delivered"])
+        return counts
+
+    def touch(self, ids: Sequence[str]) -> int:
+        """Reset the idle time of our own pending ``ids`` without counting a delivery (XCLAIM to
+        ourselves with JUSTID), so no reclaim, ours or a peer's, takes entries held in memory here
+        (CONTRACT 4 rule 14). Ids no longer pending are ignored (no FORCE). Returns how many were."""
+        touched = 0
+        for start in range(0, len(ids), TOUCH_CHUNK):
+            chunk = list(ids[start:start + TOUCH_CHUNK])
+            touched += len(translate("XCLAIM JUSTID", lambda: self.client.xclaim(
+                self.stream, self.group, self.consumer, 0, chunk, justid=True)))
+        return touched
+
+    def reset_connections(self) -> None:
+        """Drop every pooled connection, so the next call connects afresh (after a failover the
+        host name may lead elsewhere; a READONLY replica's connection would stay one)."""
+        self.client.connection_pool.disconnect()
 
     def claim(self, min_idle_ms: int, start: str = "0-0", count: int | None = None
               ) -> tuple[str, list[Entry], list[str]]:
@@ -268,11 +307,6 @@ def _new_entries(reply: Any) -> list[Entry]:
             fields = None if flat is None else dict(zip(flat[::2], flat[1::2]))
         append(new(Entry, (entry_id.decode() if type(entry_id) is bytes else entry_id, fields, 1)))
     return entries
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def entry_time_ms(entry_id: str) -> int:

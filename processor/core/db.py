@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
@@ -12,7 +13,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.errors
 
-from .errors import MigrationError, RowRejectedError, TransientError
+from .errors import MigrationError, TransientError
 from .redact import redact
 
 log = logging.getLogger(__name__)
@@ -23,35 +24,59 @@ BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 CONNECT_TIMEOUT_S = 5
 
-# SQLSTATE classes that mean "try again", not "the row is bad".
-_TRANSIENT_SQLSTATES = {
-    "40001",  # serialization_failure
-    "40P01",  # deadlock_detected
-    "57014",  # query_canceled (statement_timeout, pg_cancel_backend)
-    "55P03",  # lock_not_available
-    "53300",  # too_many_connections
-}
-# connection, resources, operator intervention, system; and 42 (a missing table, column or privilege): no row
-# is at fault there, an operator must fix the database, and until then nothing is acknowledged.
-_TRANSIENT_CLASSES = ("08", "42", "53", "57", "58")
+class Verdict(enum.Enum):
+    """What a PostgreSQL error proves (CONTRACT 4 rule 13), decided by its SQLSTATE."""
+
+    #: the database or the link to it: hold the batch, back off, reconnect; nothing is acknowledged
+    SYSTEMIC = "systemic"
+    #: the database refused this row for its data: isolate it, write its neighbours
+    ROW = "row"
+    #: a size limit or a class we do not know: systemic, unless the row fails alone while
+    #: its neighbours are written (then it is that row's fault)
+    SUSPECT = "suspect"
+
+
+# By SQLSTATE, never by the driver's exception class: psycopg2 files 25006 (read-only) under
+# InternalError and 54000 (a size limit) under OperationalError, and a verdict must follow what
+# the error proves. docs/decisions.md has the table.
+_ROW_CLASSES = ("22", "23")  # data exception; integrity constraint violation
+_ROW_CODES = frozenset({"P0001"})  # raise_exception: a check in a trigger refused the row
+_SUSPECT_CLASSES = ("54",)  # program limit exceeded: the row's only if it fails alone
+_SYSTEMIC_CLASSES = (
+    "08",  # connection exception
+    "25",  # invalid transaction state: 25006 read-only (a demoted primary, a full managed disk)
+    "28",  # invalid authorization (a password changed under us)
+    "3D",  # invalid catalog name (the database was dropped)
+    "3F",  # invalid schema name
+    "40",  # transaction rollback: serialization failure, deadlock
+    "42",  # syntax error or access rule: insufficient privilege (42501), a missing table or column
+    "53",  # insufficient resources: disk full, out of memory, too many connections
+    "55",  # object not in prerequisite state: lock not available
+    "57",  # operator intervention: query canceled, admin shutdown, cannot connect now
+    "58",  # system error: I/O
+    "F0",  # configuration file error
+)
 
 T = TypeVar("T")
 
 
-def classify(exc: BaseException) -> type[TransientError] | type[RowRejectedError] | None:
-    """Which of *our* errors a psycopg2 exception is, or None for a bug of ours."""
-    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
-        return TransientError
+def classify(exc: BaseException) -> Verdict | None:
+    """What a psycopg2 exception proves; None when it is not a database's verdict (a bug of ours)."""
+    if not isinstance(exc, psycopg2.Error):
+        return None
     code = getattr(exc, "pgcode", None) or ""
-    if code in _TRANSIENT_SQLSTATES or code[:2] in _TRANSIENT_CLASSES:
-        return TransientError
-    if isinstance(exc, (psycopg2.IntegrityError, psycopg2.DataError, psycopg2.InternalError,
-                        psycopg2.errors.RaiseException)):
-        return RowRejectedError
-    if isinstance(exc, psycopg2.DatabaseError) and code[:2] in ("22", "23", "P0", "XX"):
-        # data exceptions, constraint violations, trigger RAISEs: the row's own fault
-        return RowRejectedError
-    return None
+    if not code:
+        # libpq's own errors carry no SQLSTATE: the connection was refused, lost or timed out.
+        if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+            return Verdict.SYSTEMIC
+        return None  # raised by psycopg2 itself before reaching the server: a bug of ours
+    if code[:2] in _ROW_CLASSES or code in _ROW_CODES:
+        return Verdict.ROW
+    if code[:2] in _SYSTEMIC_CLASSES:
+        return Verdict.SYSTEMIC
+    if code[:2] in _SUSPECT_CLASSES:
+        return Verdict.SUSPECT
+    return Verdict.SUSPECT  # a class the writer does not know: systemic first, the row's if it fails alone
 
 
 def describe(exc: BaseException) -> str:

@@ -24,6 +24,14 @@ class RowRejectedError(ProcessorError):
     """PostgreSQL refused a row itself (constraint, range, trigger): the row's own fault."""
 
 
+class SuspectRowError(ProcessorError):
+    """PostgreSQL refused a statement with a size limit or an error class we do not know.
+
+    Systemic until proven otherwise: it is the row's own fault only when the row fails
+    alone while its neighbours are written (CONTRACT 4 rule 13).
+    """
+
+
 class StreamGoneError(TransientError):
     """The consumer group or the stream disappeared (NOGROUP): recreate and go on."""
 

@@ -17,7 +17,8 @@ class Health:
         self._lock = threading.Lock()
         self._last_turn = time.monotonic()
         self._redis: tuple[float, str | None] = (0.0, "no Redis read yet")
-        self._postgres: tuple[float, str | None] = (0.0, "no PostgreSQL write or ping yet")
+        self._postgres: tuple[float, str | None] = (0.0, "no PostgreSQL write or probe yet")
+        self._problems: dict[str, str] = {}  # standing problems that a later success elsewhere does not clear
 
     # --- liveness ---
 
@@ -46,9 +47,19 @@ class Health:
     def postgres_age(self) -> float:
         return time.monotonic() - self._postgres[0]
 
+    def problem(self, name: str, reason: str | None) -> None:
+        """A standing problem (``reason``) or its end (None), e.g. dead letters Redis refuses to store:
+        it keeps the service not ready even while reads and writes succeed."""
+        with self._lock:
+            if reason is None:
+                self._problems.pop(name, None)
+            else:
+                self._problems[name] = reason
+
     def ready(self) -> tuple[bool, str]:
         with self._lock:
             problems = [f"redis: {self._redis[1]}"] if self._redis[1] else []
             if self._postgres[1]:
                 problems.append(f"postgres: {self._postgres[1]}")
+            problems.extend(f"{name}: {reason}" for name, reason in self._problems.items())
         return (not problems), ("; ".join(problems) or "ok")

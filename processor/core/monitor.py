@@ -1,8 +1,8 @@
 """Background refresh of the gauges a scrape must never wait on: stream lag, pending, readiness.
 
 Runs in a daemon thread, every ``interval_s`` (5 s by default): XINFO GROUPS
-for lag and pending, and a PostgreSQL ping when no write has said anything
-recently, so that /readyz tells the truth while the stream is idle.
+for lag and pending, and the writer's writability probe when no write has said
+anything recently, so that /readyz tells the truth while the stream is idle.
 """
 
 from __future__ import annotations
@@ -21,18 +21,14 @@ log = logging.getLogger(__name__)
 REFRESH_S = 5.0
 
 
-class Pingable(Protocol):
-    def ping(self) -> None: ...
+class Probeable(Protocol):
+    def probe(self) -> None: ...
 
-    @property
-    def healthy(self) -> bool: ...
-
-    @property
-    def last_error(self) -> str | None: ...
+    def writable(self) -> tuple[bool, str]: ...
 
 
 class Monitor:
-    def __init__(self, *, consumer: StreamConsumer, writer: Pingable, metrics: Metrics, health: Health,
+    def __init__(self, *, consumer: StreamConsumer, writer: Probeable, metrics: Metrics, health: Health,
                  devices: Callable[[], int], interval_s: float = REFRESH_S) -> None:
         self.consumer = consumer
         self.writer = writer
@@ -86,15 +82,19 @@ class Monitor:
         self.metrics.pending_entries.set(pending)
 
     def _refresh_postgres(self) -> None:
-        if not self.writer.healthy:
-            self.health.postgres_result(self.writer.last_error or "last write failed")
-        if self.health.postgres_age() < self.interval_s and self.writer.healthy:
+        """Readiness follows writability, not reachability: a ``SELECT 1`` answers while writes
+        wait on a lock, are refused for privilege or hit a read-only server. When no write has
+        said anything recently, the writer's probe (a zero-row INSERT) asks."""
+        writable, why = self.writer.writable()
+        if writable and self.health.postgres_age() < self.interval_s:
             return  # a write said so recently enough
+        if not writable:
+            self.health.postgres_result(why)
         try:
-            self.writer.ping()
+            self.writer.probe()
         except TransientError as exc:
             self.metrics.postgres_errors.inc()
             self.health.postgres_result(str(exc))
-        else:
-            if self.writer.healthy:
-                self.health.postgres_result(None)
+            return
+        writable, why = self.writer.writable()
+        self.health.postgres_result(None if writable else why)

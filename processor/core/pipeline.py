@@ -53,6 +53,8 @@ class BatchHandler(Protocol):
 class WriterLike(Protocol):
     def submit(self, records: Sequence[Record]) -> Future[list[WriteResult]]: ...
 
+    def writable(self) -> tuple[bool, str]: ...
+
 
 @dataclass
 class Totals:
@@ -100,6 +102,10 @@ class Pipeline:
         self.reclaim_idle_ms = reclaim_idle_ms
         # Reclaim often enough that an idle entry waits at most about 1.5 x RECLAIM_IDLE_MS.
         self.reclaim_every_s = min(max(reclaim_idle_ms / 2000, 0.2), 30.0)
+        # Entries held here (in flight, stored but not yet acknowledged, dead letters not yet
+        # stored) have their idle time reset this often, a quarter of RECLAIM_IDLE_MS, so that
+        # no reclaim (ours, a peer's, replay's) claims them and raises their delivery count.
+        self.touch_every_s = max(reclaim_idle_ms / 4000, 0.05)
         self.handlers = list(handlers)
         self.clock = clock
         self.totals = Totals()
@@ -109,7 +115,14 @@ class Pipeline:
         self._defer_acks = False  # True while turn() settles: acks then go out with its read
         self._transient_failures = 0  # records whose write gave up on a transient error (only when stopping)
         self._next_reclaim = time.monotonic() + self.reclaim_every_s
+        self._next_touch = time.monotonic() + self.touch_every_s
         self._reclaim_cursor = "0-0"
+        self._reclaim_paused: str | None = None  # why reclaiming waits (PostgreSQL not writable)
+        # Dead letters Redis refused to store (OOM, a read-only replica): held and retried with
+        # back-off; their entries stay pending meanwhile. Reading pauses while a batch's worth waits.
+        self._letters: list[DeadLetter] = []
+        self._letters_retry_at = 0.0
+        self._letters_backoff = BACKOFF_START_S
         self._redis_backoff = BACKOFF_START_S
         self._last_heartbeat = time.monotonic()
         self._heartbeat_base = 0
@@ -131,14 +144,16 @@ class Pipeline:
         finally:
             self._defer_acks = False
         self._heartbeat()
-        if len(self.inflight) >= self.max_inflight:
+        self._keep_fresh()
+        self._retry_letters()
+        if self._at_bound():
             self._try_flush_acks()
             self.settle(block_s=0.2)
             return
         try:
             if not self.inflight or time.monotonic() >= self._next_reclaim:
                 self._flush_acks()  # idle: now, not with a read that may block for BLOCK_MS
-            if time.monotonic() >= self._next_reclaim and self._postgres_ok():
+            if time.monotonic() >= self._next_reclaim and self._may_claim():
                 self.reclaim_once()
             entries = self._read()
             self.health.redis_result(None)
@@ -153,11 +168,18 @@ class Pipeline:
         if entries:
             self.process(entries)
 
+    def _at_bound(self) -> bool:
+        """Reading pauses at the in-flight bound, and while a batch's worth of dead letters waits for Redis."""
+        return len(self.inflight) >= self.max_inflight or len(self._letters) >= self.consumer.batch_size
+
     def _redis_failed(self, exc: TransientError, stop: threading.Event) -> None:
         self.metrics.redis_errors.inc()
         self.health.redis_result(str(exc))
         log.warning("Redis unavailable, retrying in %.1fs: %s", self._redis_backoff, exc,
                     extra={"consumer": self.consumer.consumer})
+        # Fresh connections for the next try: after a failover the address may lead to the new
+        # primary, and a connection to a replica that answers READONLY would stay one.
+        self.consumer.reset_connections()
         # Keep settling writes while we wait, so finished batches are acknowledged as soon as Redis is back.
         deadline = time.monotonic() + self._redis_backoff
         while not stop.is_set() and time.monotonic() < deadline:
@@ -186,7 +208,7 @@ class Pipeline:
         # The per-entry loop is the hot path: locals, tuple unpacking, and Records built
         # with tuple.__new__ (docs/performance.md).
         decode = self.decoder.decode
-        inflight_ids = self._inflight_ids
+        inflight_ids = self._inflight_ids  # also holds the ids of dead letters waiting for Redis
         max_deliveries = self.max_deliveries
         append = records.append
         new_record = _new_record
@@ -244,18 +266,43 @@ class Pipeline:
         if lost:
             self.metrics.entries_lost.inc(len(lost))
             self.totals.lost += len(lost)
-        if letters:
-            try:
-                self.dead_letters.add(letters)
-            except TransientError as exc:
-                # Not acknowledged: they stay pending and come back (reclaim or restart).
-                self.metrics.redis_errors.inc()
-                log.warning("could not dead-letter %d entries, they stay pending: %s", len(letters), exc)
-                letters = []
-            for letter in letters:
-                self.metrics.records_dead_lettered.labels(letter.reason).inc()
-            self.totals.dead_lettered += len(letters)
+        if letters and not self._store_letters(letters):
+            # Not acknowledged: held here, retried with back-off, kept fresh (never claimed back).
+            self._letters.extend(letters)
+            self._inflight_ids.update(d.source_id for d in letters)
+            letters = []
         self._ack([d.source_id for d in letters] + lost)
+
+    def _store_letters(self, letters: list[DeadLetter]) -> bool:
+        """XADD ``letters`` to the dead-letter stream; False (and not ready) if Redis refused them."""
+        try:
+            self.dead_letters.add(letters)
+        except TransientError as exc:
+            self.metrics.redis_errors.inc()
+            self.health.problem("dead letters", f"{len(self._letters) + len(letters)} cannot be stored: {exc}")
+            log.warning("could not dead-letter %d entries, holding them (still pending) and retrying in %.1fs: %s",
+                        len(letters), self._letters_backoff, exc, extra={"consumer": self.consumer.consumer})
+            return False
+        for letter in letters:
+            self.metrics.records_dead_lettered.labels(letter.reason).inc()
+        self.totals.dead_lettered += len(letters)
+        return True
+
+    def _retry_letters(self, force: bool = False) -> None:
+        """Store the held dead letters again once their back-off has passed; acknowledge them if stored."""
+        if not self._letters or (not force and time.monotonic() < self._letters_retry_at):
+            return
+        held, self._letters = self._letters, []
+        if self._store_letters(held):
+            self._inflight_ids.difference_update(d.source_id for d in held)
+            self.health.problem("dead letters", None)
+            self._letters_backoff = BACKOFF_START_S
+            log.info("stored %d held dead letters", len(held), extra={"consumer": self.consumer.consumer})
+            self._ack([d.source_id for d in held])
+            return
+        self._letters = held
+        self._letters_retry_at = time.monotonic() + self._letters_backoff
+        self._letters_backoff = min(self._letters_backoff * 2, BACKOFF_MAX_S)
 
     # --- settling written batches ---
 
@@ -364,13 +411,47 @@ class Pipeline:
         self.totals.acked += len(ids)
         self._unacked = []
 
-    # --- reclaim (CONTRACT 4 rule 5) ---
+    # --- keeping held entries fresh, reclaim (CONTRACT 4 rules 5 and 14) ---
 
-    def _postgres_ok(self) -> bool:
-        """No reclaim while PostgreSQL is failing: claimed entries could not be written anyway, and
-        claiming our own idle in-flight entries would only raise their delivery counts."""
-        ready, why = self.health.ready()
-        return ready or "postgres:" not in why
+    def held_ids(self) -> list[str]:
+        """Entries pending in Redis that this process holds: in flight, stored but not yet
+        acknowledged, or dead letters not yet stored."""
+        return [*self._inflight_ids, *self._unacked]
+
+    def _keep_fresh(self, force: bool = False) -> None:
+        """XCLAIM (JUSTID) our held entries to ourselves every ``touch_every_s``: their idle time
+        stays below RECLAIM_IDLE_MS however long PostgreSQL makes them wait, so nobody claims
+        them, and their delivery counts only grow when an attempt really ended."""
+        now = time.monotonic()
+        if not force and now < self._next_touch:
+            return
+        self._next_touch = now + self.touch_every_s
+        ids = self.held_ids()
+        if not ids:
+            return
+        try:
+            self.consumer.touch(ids)
+        except (TransientError, StreamGoneError) as exc:
+            # The read that follows meets the same failure and backs off; nothing to add here.
+            self.metrics.redis_errors.inc()
+            log.warning("could not keep %d held entries fresh: %s", len(ids), exc,
+                        extra={"consumer": self.consumer.consumer})
+
+    def _may_claim(self) -> bool:
+        """No claiming while PostgreSQL is not writable (a failed write or probe, a write stalled
+        on a lock): claimed entries could not be written, and each claim counts a delivery."""
+        writable, why = self.writer.writable()
+        if not writable:
+            if self._reclaim_paused is None:
+                log.warning("reclaim paused: PostgreSQL is not writable: %s", why,
+                            extra={"consumer": self.consumer.consumer})
+            self._reclaim_paused = why
+            self._next_reclaim = time.monotonic() + self.reclaim_every_s
+            return False
+        if self._reclaim_paused is not None:
+            log.info("reclaim resumed: PostgreSQL is writable again", extra={"consumer": self.consumer.consumer})
+            self._reclaim_paused = None
+        return True
 
     @property
     def reclaim_cursor(self) -> str:
@@ -378,8 +459,12 @@ class Pipeline:
         return self._reclaim_cursor
 
     def reclaim_once(self, limit: int | None = None) -> int:
-        """Claim one page of entries idle longer than ``reclaim_idle_ms`` on any consumer and process it."""
+        """Claim one page of entries idle longer than ``reclaim_idle_ms`` on any consumer and process it.
+
+        Our held entries are touched first, so that the page cannot contain them.
+        """
         self._next_reclaim = time.monotonic() + self.reclaim_every_s
+        self._keep_fresh(force=True)
         count = self.consumer.batch_size if limit is None else min(limit, self.consumer.batch_size)
         cursor, entries, deleted = self.consumer.claim(self.reclaim_idle_ms, self._reclaim_cursor, count)
         self._reclaim_cursor = cursor
@@ -406,16 +491,19 @@ class Pipeline:
         self._transient_failures = 0
         while self.inflight and time.monotonic() < deadline:
             self.health.turned()
+            self._keep_fresh()
             self.settle(block_s=min(0.2, max(deadline - time.monotonic(), 0.01)))
+        self._retry_letters(force=True)
         try:
             self._flush_acks()
         except ProcessorError as exc:  # any kind: the stop sequence must go on
             log.warning("final XACK failed; those entries stay pending and will be written again: %s", exc)
-        return not self.inflight and not self._unacked and not self._transient_failures
+        return not self.inflight and not self._unacked and not self._transient_failures and not self._letters
 
     def left_over(self) -> int:
         """Entries read but not settled (still pending in Redis, so not lost)."""
-        return sum(len(b.records) for b in self.inflight) + len(self._unacked) + self._transient_failures
+        return (sum(len(b.records) for b in self.inflight) + len(self._unacked) + self._transient_failures
+                + len(self._letters))
 
     # --- heartbeat ---
 

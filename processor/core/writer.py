@@ -24,10 +24,25 @@ failed COPY per rest. A COPY that stored fewer rows than it was given (a trigger
 that skips rows) is rolled back and goes the staging way too. COPY ignores
 rewrite rules (``CREATE RULE``); ``positions`` has none.
 
-Errors are classified where they enter (:func:`processor.core.db.classify`):
-transient ones fail the whole attempt and the connection is replaced; a row the
-database refuses is isolated by splitting the batch in halves, each half its own
-transaction, so that the rows beside it are written.
+Errors are classified where they enter, by SQLSTATE (:func:`processor.core.db.classify`,
+CONTRACT 4 rule 13):
+
+- systemic (the link, a read-only or locked or full server, a missing privilege): the
+  whole attempt fails, the connection is replaced (a multi-host URL then finds the new
+  primary), the job backs off and retries, nothing is acknowledged;
+- the row's own fault (classes 22, 23, P0001): the batch is split in halves, each half
+  its own transaction, until the row stands alone; the rows beside it are written;
+- suspect (a size limit, 54xxx, or a class we do not know): split the same way, but the
+  lone row is only blamed when the attempt *proved the database writable* (a neighbour,
+  or another batch since this job's previous attempt, was written). Otherwise the
+  records fail transiently and the job backs off, like a systemic error. While nothing
+  is proven, the split gives up after a few failed statements (``2 x depth + 2``), so a
+  systemic error of an unknown class costs a handful of statements, not ``2n - 1``.
+
+The writer also says whether PostgreSQL is *writable* (:meth:`Writer.writable`): no
+write failing, no probe failing (:meth:`Writer.probe`, a zero-row INSERT with a lock
+timeout, which a ``SELECT 1`` is not), and no write waiting longer than ``STALL_S`` (a
+lock, a server that stopped answering). Nothing is claimed while it is not (rule 14).
 
 Metrics (decided here): ``records_written_total{status}`` counts every settled
 outcome of a write attempt, i.e. ``inserted``, ``duplicate``, and ``failed`` for
@@ -59,7 +74,7 @@ import psycopg2
 import psycopg2.extras
 
 from . import db
-from .errors import RowRejectedError, TransientError
+from .errors import RowRejectedError, SuspectRowError, TransientError
 from .metrics import Metrics
 from .redact import redact
 from .types import DUPLICATE, INSERTED, Record, WriteResult, WriteStatus
@@ -76,6 +91,9 @@ COPY_THRESHOLD = 20
 STOP_POLL_S = 0.1
 # After close()'s deadline: how long cancelled jobs get to hand back their results.
 ABORT_GRACE_S = 1.0
+# A write attempt running longer than this means PostgreSQL is not writable right now
+# (a lock wait, a server that stopped answering): a batch normally takes well under a second.
+STALL_S = 5.0
 
 # After a direct COPY failed (a duplicate, a refused row), large batches go through
 # staging for this long before the direct way is tried again.
@@ -109,7 +127,13 @@ CREATE TEMP TABLE IF NOT EXISTS positions_stage (
     attributes  jsonb
 ) ON COMMIT DELETE ROWS;
 """
-PING_SQL = "SELECT 1"
+# The writability probe: an INSERT that stores nothing still needs the INSERT privilege,
+# a writable server (25006 otherwise) and the table's ROW EXCLUSIVE lock, which it waits for
+# at most PROBE_LOCK_TIMEOUT; it fires no row trigger. Rolled back all the same.
+PROBE_LOCK_TIMEOUT = "1s"
+PROBE_SQL = (f"SET LOCAL lock_timeout = '{PROBE_LOCK_TIMEOUT}'; SET LOCAL statement_timeout = '5s'; "
+             "INSERT INTO positions (device_id, ts, latitude, longitude) "
+             "SELECT NULL::text, NULL::timestamptz, NULL::float8, NULL::float8 WHERE false")
 
 
 class _NotAllStored(Exception):
@@ -123,6 +147,20 @@ class _Job:
     records: list[Record]
     future: Future[list[WriteResult]]
     generation: int
+
+
+@dataclass(slots=True)
+class _Split:
+    """Book-keeping of one attempt's splitting (see the module docstring on suspect errors)."""
+
+    proven: bool  # the database wrote something: a lone suspect row is then the row's own fault
+    budget: int  # failed statements allowed while nothing is proven
+    failures: int = 0
+    suspects: dict[int, str] | None = None  # index -> message of the rows that failed alone, suspect
+
+
+class _Unproven(Exception):
+    """Suspect failures everywhere the split looked, and nothing written: systemic after all."""
 
 
 class Writer:
@@ -158,22 +196,47 @@ class Writer:
         self._cancel = threading.Condition()
         self._unfinished = 0  # submitted jobs whose future is not resolved yet
         self._idle = threading.Condition()
-        self._healthy = False
         self._direct_rest_until = 0.0  # monotonic; the direct COPY is not tried before it
-        self._last_error: str | None = "no PostgreSQL write or ping yet"
+        # Why PostgreSQL is not writable: the last write attempt's systemic failure (None once a
+        # write succeeds) and the last probe's (None once a probe succeeds).
+        self._write_error: str | None = None
+        self._probe_error: str | None = "no PostgreSQL write or probe yet"
+        self._busy: dict[int, float] = {}  # thread id -> monotonic start of its running attempt
+        self._commits = 0  # statements committed, by every thread: proves the database writable
         self._last_success = 0.0
 
     # --- state for /readyz -------------------------------------------------------------
 
     @property
     def healthy(self) -> bool:
-        """True when the last write attempt or ping reached the database."""
-        return self._healthy
+        """True when neither the last write attempt nor the last probe failed."""
+        return self._write_error is None and self._probe_error is None
 
     @property
     def last_error(self) -> str | None:
-        """Why the last attempt failed (redacted), None after a success."""
-        return self._last_error
+        """Why the last write attempt or probe failed (redacted), None when both succeeded."""
+        return self._write_error or self._probe_error
+
+    def stalled_for(self) -> float:
+        """Seconds the longest-running write attempt has been running (0.0 when none runs)."""
+        started = list(self._busy.values())
+        return max(time.monotonic() - min(started), 0.0) if started else 0.0
+
+    def writable(self) -> tuple[bool, str]:
+        """Whether PostgreSQL accepts writes now, and if not why (CONTRACT 4 rule 14).
+
+        Not writable while the last write attempt or probe failed, or while a write has
+        been waiting longer than ``STALL_S`` (a lock, a server that stopped answering):
+        nothing may be claimed then, since claimed entries could not be written either.
+        """
+        error = self.last_error
+        if error is not None:
+            return False, error
+        stalled = self.stalled_for()
+        if stalled > STALL_S:
+            return False, (f"a write has been waiting {stalled:.0f}s (a lock on positions, or a server "
+                           "that stopped answering)")
+        return True, "ok"
 
     @property
     def last_success(self) -> float:
@@ -215,19 +278,27 @@ class Writer:
             self._queue.put(_Job(list(records), future, self._generation))
         return future
 
-    def ping(self) -> None:
-        """``SELECT 1`` on this thread's connection; TransientError when the database is not there."""
+    def probe(self) -> None:
+        """Can ``positions`` be written now? A zero-row INSERT on this thread's connection, which
+        needs what a real write needs (the privilege, a writable server, the table's lock within
+        ``PROBE_LOCK_TIMEOUT``) and stores nothing. TransientError, with the reason, when not."""
         if self._closed:
             raise RuntimeError("writer is closed")
         try:
-            with _transaction(self._connection()) as cur:
-                cur.execute(PING_SQL)
+            conn = self._connection()
+            with conn.cursor() as cur:
+                try:
+                    cur.execute(PROBE_SQL)
+                finally:
+                    _quietly(conn.rollback)
         except (psycopg2.Error, TransientError) as exc:
-            reason = str(exc) if isinstance(exc, TransientError) else db.describe(exc)
+            reason = str(exc) if isinstance(exc, TransientError) else _probe_message(exc)
             self._discard_connection()
-            self._failed(reason)
+            self._probe_error = reason
             raise TransientError(reason) from exc
-        self._succeeded()
+        self._probe_error = None
+
+    ping = probe  # the name /readyz's monitor knew it by
 
     def cancel_retries(self) -> None:
         """Jobs already submitted stop retrying and return their transient failures."""
@@ -255,36 +326,74 @@ class Writer:
 
     # --- one attempt ---------------------------------------------------------------------
 
-    def _attempt(self, records: Sequence[Record]) -> tuple[list[WriteResult], str | None]:
-        """Write once; returns the results and, if the attempt failed transiently, why."""
+    def _attempt(self, records: Sequence[Record], *, proven: bool = False) -> tuple[list[WriteResult], str | None]:
+        """Write once; returns the results and, if the attempt failed transiently, why.
+
+        ``proven``: the database wrote other rows since this batch's previous attempt, so a
+        row that fails alone with a suspect error is that row's fault even with no neighbour
+        written in this attempt.
+        """
         batch = list(records)
         if not batch:
             return [], None
         started = time.perf_counter()
         settled: list[WriteResult | None] = [None] * len(batch)
+        split = _Split(proven=proven, budget=2 * len(batch).bit_length() + 2)
         reason: str | None = None
+        ident = threading.get_ident()
+        self._busy[ident] = time.monotonic()
         try:
-            self._settle(self._connection(), batch, 0, len(batch), settled)
+            self._settle(self._connection(), batch, 0, len(batch), settled, split)
         except TransientError as exc:
             reason = str(exc)
             self._discard_connection()
+        except _Unproven as exc:
+            reason = str(exc)
+        finally:
+            self._busy.pop(ident, None)
+        reason = self._judge_suspects(batch, settled, split, reason)
         results = _fill_unsettled(settled, reason)
         self._account(results, reason, time.perf_counter() - started)
         return results, reason
 
     def _settle(self, conn: Any, batch: list[Record], lo: int, hi: int,
-                settled: list[WriteResult | None]) -> None:
-        """Write ``batch[lo:hi]``; on a rejected row, split in halves until it stands alone."""
+                settled: list[WriteResult | None], split: _Split) -> None:
+        """Write ``batch[lo:hi]``; on a refused row, split in halves until it stands alone."""
         try:
             settled[lo:hi] = self._insert(conn, batch[lo:hi])
+            split.proven = True
+            return
         except RowRejectedError as exc:
             if hi - lo == 1:
                 settled[lo] = WriteResult(WriteStatus.FAILED, transient=False, error=str(exc))
                 log.warning("row rejected by PostgreSQL, entry %s: %s", batch[lo].entry_id, exc)
                 return
-            mid = (lo + hi) // 2
-            self._settle(conn, batch, lo, mid, settled)
-            self._settle(conn, batch, mid, hi, settled)
+        except SuspectRowError as exc:
+            if not split.proven:
+                split.failures += 1
+                if split.failures > split.budget:
+                    raise _Unproven(f"{exc} (on every part of the batch tried, and nothing written)") from exc
+            if hi - lo == 1:
+                split.suspects = split.suspects or {}
+                split.suspects[lo] = str(exc)
+                return
+        mid = (lo + hi) // 2
+        self._settle(conn, batch, lo, mid, settled, split)
+        self._settle(conn, batch, mid, hi, settled, split)
+
+    def _judge_suspects(self, batch: list[Record], settled: list[WriteResult | None], split: _Split,
+                        reason: str | None) -> str | None:
+        """Rows that failed alone with a suspect error: their own fault if the database was proven
+        writable, else left unsettled (transient) with the error as the attempt's reason."""
+        if not split.suspects:
+            return reason
+        if split.proven and reason is None:
+            for index, message in split.suspects.items():
+                settled[index] = WriteResult(WriteStatus.FAILED, transient=False, error=message)
+                log.warning("row refused by PostgreSQL while its neighbours were written, entry %s: %s",
+                            batch[index].entry_id, message)
+            return None
+        return reason or next(iter(split.suspects.values()))
 
     def _insert(self, conn: Any, batch: list[Record]) -> list[WriteResult]:
         """One transaction; raises TransientError or RowRejectedError (psycopg2 errors translated)."""
@@ -306,6 +415,8 @@ class Writer:
         except orjson.JSONEncodeError as exc:
             # attributes orjson cannot encode (an integer past 64 bits): that row's own fault
             raise RowRejectedError(f"attributes cannot be encoded as JSON: {exc}") from exc
+        with self._lock:
+            self._commits += 1
         self._last_success = time.time()
         if self._metrics is not None:
             self._metrics.last_write_timestamp.set(self._last_success)
@@ -329,8 +440,8 @@ class Writer:
                 if cur.rowcount != len(batch):
                     raise _NotAllStored()  # rolls the transaction back
         except (psycopg2.Error, _NotAllStored) as exc:
-            if isinstance(exc, psycopg2.Error) and db.classify(exc) is not RowRejectedError:
-                raise  # transient (or a bug): handled by the caller as on the staging path
+            if isinstance(exc, psycopg2.Error) and db.classify(exc) not in (db.Verdict.ROW, db.Verdict.SUSPECT):
+                raise  # systemic (or a bug): handled by the caller as on the staging path
             self._direct_rest_until = time.monotonic() + DIRECT_COPY_REST_S
             log.debug("direct COPY of %d rows not possible (%s); writing them through staging",
                       len(batch), _row_message(exc) if isinstance(exc, psycopg2.Error) else "rows skipped")
@@ -346,10 +457,9 @@ class Writer:
             inserted = sum(1 for r in results if r is INSERTED)
             duplicates = sum(1 for r in results if r is DUPLICATE)
             rejected = len(results) - inserted - duplicates - _transient_count(results)
+        self._write_error = reason
         if reason is None:
-            self._succeeded()
-        else:
-            self._failed(reason)
+            self._probe_error = None  # a write that went through says more than any probe
         m = self._metrics
         if m is not None:
             m.batch_write_seconds.observe(seconds)
@@ -360,12 +470,6 @@ class Writer:
                 m.postgres_errors.inc()
         log.debug("batch written inserted=%d duplicates=%d failed=%d", inserted, duplicates,
                   len(results) - inserted - duplicates)
-
-    def _succeeded(self) -> None:
-        self._healthy, self._last_error = True, None
-
-    def _failed(self, reason: str) -> None:
-        self._healthy, self._last_error = False, reason
 
     # --- connections (one per thread, created in that thread) ----------------------------
 
@@ -463,6 +567,7 @@ class Writer:
         if self._aborting:
             return _all_transient(job.records, "writer closed before the batch was written")
         results, reason = self._attempt(job.records)
+        commits_seen = self._commits
         delay, attempt = self._backoff_start, 1
         while reason is not None:
             if self._interrupted(job):
@@ -473,15 +578,17 @@ class Writer:
                         attempt, _transient_count(results), delay, reason)
             if not self._pause(delay, job):
                 return results
-            results, reason = self._retry_transient(job.records, results)
+            proven = self._commits > commits_seen  # other batches were written meanwhile
+            results, reason = self._retry_transient(job.records, results, proven=proven)
+            commits_seen = self._commits
             delay, attempt = min(delay * 2, self._backoff_max), attempt + 1
         return results
 
-    def _retry_transient(self, records: list[Record], results: list[WriteResult]
+    def _retry_transient(self, records: list[Record], results: list[WriteResult], *, proven: bool = False
                          ) -> tuple[list[WriteResult], str | None]:
         """One more attempt for the records that failed transiently; the others keep their result."""
         again = [i for i, r in enumerate(results) if r.transient]
-        retried, reason = self._attempt([records[i] for i in again])
+        retried, reason = self._attempt([records[i] for i in again], proven=proven)
         merged = list(results)
         for i, result in zip(again, retried):
             merged[i] = result
@@ -526,10 +633,10 @@ class Writer:
         with self._lock:
             conns = list(self._conns.values())
         for conn in conns:
-            try:
-                conn.cancel()  # the statement ends with QueryCanceled: a transient failure
-            except psycopg2.Error:
-                pass
+            # Each cancel in a thread of its own: libpq's cancel request opens a new connection and
+            # waits for the server, with no timeout; a server that stopped answering must not hold
+            # the stop sequence (or the second signal) hostage.
+            threading.Thread(target=_cancel_quietly, args=(conn,), name="writer-cancel", daemon=True).start()
 
     def _fail_queued(self, reason: str) -> None:
         """Resolve jobs that no worker took (workers stuck past the deadline) as transient failures."""
@@ -715,14 +822,28 @@ def _transaction(conn: Any) -> Iterator[Any]:
         raise
 
 
-def _translate(exc: psycopg2.Error) -> TransientError | RowRejectedError | None:
-    """Our error for a psycopg2 one; None when it is neither (then it is a bug of ours)."""
-    kind = db.classify(exc)
-    if kind is TransientError:
+def _translate(exc: psycopg2.Error) -> TransientError | RowRejectedError | SuspectRowError | None:
+    """Our error for a psycopg2 one; None when it is no database verdict (then it is a bug of ours)."""
+    verdict = db.classify(exc)
+    if verdict is db.Verdict.SYSTEMIC:
         return TransientError(db.describe(exc))
-    if kind is RowRejectedError:
+    if verdict is db.Verdict.ROW:
         return RowRejectedError(_row_message(exc))
+    if verdict is db.Verdict.SUSPECT:
+        return SuspectRowError(_coded_message(exc))
     return None
+
+
+def _coded_message(exc: psycopg2.Error) -> str:
+    """The database's message with its SQLSTATE: for errors we do not know, the code is the clue."""
+    code = getattr(exc, "pgcode", None)
+    return f"{_row_message(exc)} (SQLSTATE {code})" if code else _row_message(exc)
+
+
+def _probe_message(exc: psycopg2.Error) -> str:
+    if getattr(exc, "pgcode", None) == "55P03":
+        return f"positions is locked by another session (no lock within {PROBE_LOCK_TIMEOUT})"
+    return db.describe(exc)
 
 
 def _row_message(exc: psycopg2.Error) -> str:
@@ -734,6 +855,11 @@ def _row_message(exc: psycopg2.Error) -> str:
 
 def _close_quietly(conn: Any) -> None:
     _quietly(conn.close)
+
+
+def _cancel_quietly(conn: Any) -> None:
+    """Ask the server to cancel the connection's running statement (it then fails with 57014)."""
+    _quietly(conn.cancel)
 
 
 def _quietly(action: Callable[[], object]) -> None:
