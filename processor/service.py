@@ -28,6 +28,7 @@ from .core.metrics import Metrics
 from .core.monitor import Monitor
 from .core.pipeline import BatchHandler, Pipeline
 from .core.state import DeviceState
+from .core.stop import deadline as stop_deadline
 from .core.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,12 @@ EXIT_OK = 0
 EXIT_UNCLEAN = 1
 
 
-def connect_redis(config: Config, *, stop: threading.Event, tick: Any = None) -> redis.Redis | None:
+def connect_redis(config: Config, *, stop: threading.Event, tick: Any = None,
+                  on_error: Any = None) -> redis.Redis | None:
     """A Redis client that answered PING, retrying with backoff; None if ``stop`` came first."""
     client = redis_client(config.redis_url, block_ms=config.block_ms)
-    ok = db.retry("connect to Redis", lambda: translate("PING", client.ping), stop=stop, tick=tick)
+    ok = db.retry("connect to Redis", lambda: translate("PING", client.ping), stop=stop, tick=tick,
+                  on_error=on_error)
     return client if ok is not None else None
 
 
@@ -73,15 +76,16 @@ class Service:
             self.http.start()
         if not self._prepare_postgres():
             return False
-        self.redis = connect_redis(cfg, stop=self.stop_event, tick=self.health.turned)
+        self.redis = connect_redis(cfg, stop=self.stop_event, tick=self.health.turned, on_error=self._redis_error)
         if self.redis is None:
             return False
         log.info("Redis connected")
         consumer = StreamConsumer(client=self.redis, stream=cfg.stream_key, group=cfg.consumer_group,
                                   consumer=cfg.consumer_name, batch_size=cfg.batch_size, block_ms=cfg.block_ms)
         if db.retry("create the consumer group", consumer.ensure_group, stop=self.stop_event,
-                    tick=self.health.turned) is None:
+                    tick=self.health.turned, on_error=self._redis_error) is None:
             return False
+        self.health.redis_result(None)
         # No stop event for the writer: on SIGTERM in-flight writes go on retrying until the
         # shutdown deadline, when stop() cancels the retries.
         self.writer = Writer(dsn=cfg.postgres_url, threads=cfg.writer_threads, metrics=self.metrics)
@@ -111,10 +115,20 @@ class Service:
             return True
 
         ok = db.retry("connect to PostgreSQL", attempt, stop=self.stop_event, tick=self.health.turned,
-                      on_error=lambda exc: self.metrics.postgres_errors.inc())
+                      on_error=self._postgres_error)
         if ok and not self.stop_event.is_set():
             self.health.postgres_result(None)
         return bool(ok)
+
+    # Start-up failures are counted and shown on /readyz like the running service's: an operator
+    # looking at a service that never gets ready sees why ("connection refused"), not "no read yet".
+    def _redis_error(self, exc: Exception) -> None:
+        self.metrics.redis_errors.inc()
+        self.health.redis_result(str(exc))
+
+    def _postgres_error(self, exc: Exception) -> None:
+        self.metrics.postgres_errors.inc()
+        self.health.postgres_result(str(exc))
 
     def _build_pipeline(self, consumer: StreamConsumer, writer: Writer) -> Pipeline:
         handlers = self.handlers
@@ -133,7 +147,7 @@ class Service:
         crashed = False
         try:
             if not self.start():
-                return self.stop(deadline=time.monotonic() + self.config.shutdown_timeout_s)
+                return self.stop(deadline=stop_deadline(self.stop_event, self.config.shutdown_timeout_s))
             assert self.pipeline is not None
             self.pipeline.run(self.stop_event)
         except MigrationError as exc:
@@ -144,11 +158,12 @@ class Service:
             # Unexpected: log it, stop gracefully, exit non-zero so systemd or Docker restarts us.
             log.exception("unexpected error in the main loop; stopping")
             crashed = True
-        code = self.stop(deadline=time.monotonic() + self.config.shutdown_timeout_s)
+        code = self.stop(deadline=stop_deadline(self.stop_event, self.config.shutdown_timeout_s))
         return EXIT_UNCLEAN if crashed else code
 
     def stop(self, *, deadline: float) -> int:
-        """The stop sequence, in order, under one deadline. 0 if every in-flight write was settled."""
+        """The stop sequence, in order, under one deadline (SHUTDOWN_TIMEOUT_S after the stop request).
+        0 if every in-flight write was settled."""
         self.stop_event.set()
         clean = True
         # 1. Reading has stopped: the main loop saw the event (every read blocks at most BLOCK_MS).
@@ -158,14 +173,16 @@ class Service:
             if not clean:
                 log.error("shutdown timeout: %d entries not settled; they stay pending and will be processed "
                           "on the next start", self.pipeline.left_over())
-        # 3. Stop retrying writes, cancel queries still running, close the PostgreSQL connections.
+        # 3. Stop retrying writes; past the deadline, cancel queries still running (in threads of their
+        #    own: a server that stopped answering cannot hold us) and close the PostgreSQL connections.
         if self.writer is not None:
             self.writer.cancel_retries()
-            if not self.writer.close(max(deadline - time.monotonic(), 0.1)):
+            if not self.writer.close(max(deadline - time.monotonic(), 0.0)):
                 clean = False
-        # 4. The background monitor and the HTTP endpoint.
+        # 4. The background monitor and the HTTP endpoint: daemon threads, waited for only within
+        #    what is left of the deadline (the monitor may be inside a probe of a silent server).
         if self.monitor is not None:
-            self.monitor.stop()
+            self.monitor.stop(timeout=max(deadline - time.monotonic(), 0.1))
         if self.http is not None:
             self.http.stop()
         # 5. Redis last: acknowledgements above needed it.

@@ -119,7 +119,10 @@ def retry(what: str, attempt: Callable[[], T], *, stop: threading.Event,
           tick: Callable[[], None] | None = None) -> T | None:
     """Call ``attempt`` until it succeeds; back off exponentially (capped) on TransientError.
 
-    One warning per failed attempt, with the reason. Returns None if ``stop`` is set first.
+    One warning per failed attempt, with the reason. Returns None if ``stop`` is set first,
+    also while an attempt is still running: each attempt runs in a thread of its own and the
+    caller only waits for it (a connect to a server that does not answer blocks inside libpq
+    for CONNECT_TIMEOUT_S, a migration may wait for its lock), so a stop is seen at once.
     ``tick`` is called about once a second while waiting (it keeps /healthz alive during start-up).
     """
     delay = backoff_start
@@ -127,7 +130,7 @@ def retry(what: str, attempt: Callable[[], T], *, stop: threading.Event,
     while not stop.is_set():
         attempts += 1
         try:
-            return attempt()
+            outcome = _interruptibly(what, attempt, stop, tick)
         except TransientError as exc:
             if on_error is not None:
                 on_error(exc)
@@ -135,7 +138,41 @@ def retry(what: str, attempt: Callable[[], T], *, stop: threading.Event,
             if _wait(stop, delay, tick):
                 break
             delay = min(delay * 2, backoff_max)
+            continue
+        return None if outcome is _STOPPED else outcome  # type: ignore[return-value]
     return None
+
+
+_STOPPED = object()
+
+
+def _interruptibly(what: str, call: Callable[[], T], stop: threading.Event,
+                   tick: Callable[[], None] | None) -> T | object:
+    """``call()`` in a daemon thread; its result or its exception, or _STOPPED as soon as ``stop`` is set
+    (the thread is abandoned: it ends with its call, or with the process)."""
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller as it is
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"start-up: {what}", daemon=True).start()
+    waited = 0.0
+    while not done.wait(0.05):
+        if stop.is_set():
+            return _STOPPED
+        waited += 0.05
+        if tick is not None and waited >= 1.0:
+            tick()
+            waited = 0.0
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _wait(stop: threading.Event, delay: float, tick: Callable[[], None] | None) -> bool:

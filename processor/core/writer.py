@@ -90,7 +90,9 @@ COPY_THRESHOLD = 20
 # How often a retry pause looks at the external stop event (cancel_retries is immediate).
 STOP_POLL_S = 0.1
 # After close()'s deadline: how long cancelled jobs get to hand back their results.
-ABORT_GRACE_S = 1.0
+ABORT_GRACE_S = 0.5
+# A cancel's own connection and statement give up after this long (a server that stopped answering).
+CANCEL_TIMEOUT_S = 2
 # A write attempt running longer than this means PostgreSQL is not writable right now
 # (a lock wait, a server that stopped answering): a batch normally takes well under a second.
 STALL_S = 5.0
@@ -284,6 +286,8 @@ class Writer:
         ``PROBE_LOCK_TIMEOUT``) and stores nothing. TransientError, with the reason, when not."""
         if self._closed:
             raise RuntimeError("writer is closed")
+        ident = threading.get_ident()
+        self._busy[ident] = time.monotonic()
         try:
             conn = self._connection()
             with conn.cursor() as cur:
@@ -296,6 +300,8 @@ class Writer:
             self._discard_connection()
             self._probe_error = reason
             raise TransientError(reason) from exc
+        finally:
+            self._busy.pop(ident, None)
         self._probe_error = None
 
     ping = probe  # the name /readyz's monitor knew it by
@@ -499,12 +505,15 @@ class Writer:
             _close_quietly(self._conns.pop(thread))
 
     def _close_connections(self, keep: Sequence[threading.Thread] = ()) -> None:
-        """Close every connection but those of ``keep``: a thread stuck in a statement holds
-        its connection's lock, and close() would wait on it (the daemon thread dies with the process).
+        """Close every connection but those of ``keep`` and of threads inside a statement: such a
+        thread holds its connection's lock, and close() would wait on it (the daemon thread dies
+        with the process).
         """
+        busy = set(self._busy)
         with self._lock:
-            conns = [c for t, c in self._conns.items() if t not in keep]
-            self._conns = {t: c for t, c in self._conns.items() if t in keep}
+            kept = {t for t in self._conns if t in keep or (t.ident in busy and t.is_alive())}
+            conns = [c for t, c in self._conns.items() if t not in kept]
+            self._conns = {t: c for t, c in self._conns.items() if t in kept}
         for conn in conns:
             _close_quietly(conn)
 
@@ -633,10 +642,12 @@ class Writer:
         with self._lock:
             conns = list(self._conns.values())
         for conn in conns:
-            # Each cancel in a thread of its own: libpq's cancel request opens a new connection and
-            # waits for the server, with no timeout; a server that stopped answering must not hold
-            # the stop sequence (or the second signal) hostage.
-            threading.Thread(target=_cancel_quietly, args=(conn,), name="writer-cancel", daemon=True).start()
+            # Not conn.cancel(): libpq's cancel request waits for the server with no timeout, and
+            # psycopg2 holds the GIL meanwhile, so a server that stopped answering would freeze
+            # the whole process (signals included). pg_cancel_backend() from a connection of its
+            # own, with timeouts, in a daemon thread, reaches the same backend (same host, pid).
+            threading.Thread(target=_cancel_backend, args=(self._dsn, conn), name="writer-cancel",
+                             daemon=True).start()
 
     def _fail_queued(self, reason: str) -> None:
         """Resolve jobs that no worker took (workers stuck past the deadline) as transient failures."""
@@ -857,9 +868,26 @@ def _close_quietly(conn: Any) -> None:
     _quietly(conn.close)
 
 
-def _cancel_quietly(conn: Any) -> None:
-    """Ask the server to cancel the connection's running statement (it then fails with 57014)."""
-    _quietly(conn.cancel)
+def _cancel_backend(dsn: str, conn: Any) -> None:
+    """Cancel ``conn``'s running statement (it then fails with 57014) through a new connection to
+    the same server; gives up quietly after CANCEL_TIMEOUT_S (the statement goes on: the stop
+    sequence does not wait for it)."""
+    try:
+        host, port, pid = conn.info.host, conn.info.port, conn.get_backend_pid()
+        canceller = psycopg2.connect(dsn, host=host, port=port, connect_timeout=CANCEL_TIMEOUT_S,
+                                     target_session_attrs="any", application_name="telemetry-processor-cancel")
+    except (psycopg2.Error, AttributeError) as exc:
+        log.debug("cancel not sent: %s", db.describe(exc))
+        return
+    try:
+        canceller.autocommit = True
+        with canceller.cursor() as cur:
+            cur.execute(f"SET statement_timeout = {CANCEL_TIMEOUT_S * 1000}")
+            cur.execute("SELECT pg_cancel_backend(%s)", (pid,))
+    except psycopg2.Error as exc:
+        log.debug("cancel of backend %s failed: %s", pid, db.describe(exc))
+    finally:
+        _close_quietly(canceller)
 
 
 def _quietly(action: Callable[[], object]) -> None:
