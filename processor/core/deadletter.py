@@ -75,9 +75,9 @@ class DeadLetters:
             log.warning("dead-lettered %s: %s (%s)", letter.source_id, letter.reason,
                         redact(letter.detail)[:200])
 
-    def list(self, limit: int = 100, start: str = "-") -> list[StoredDeadLetter]:
-        """The oldest ``limit`` dead letters from ``start``."""
-        rows: Any = translate("XRANGE", lambda: self.client.xrange(self.stream, min=start, max="+", count=limit))
+    def list(self, limit: int = 100, start: str = "-", end: str = "+") -> list[StoredDeadLetter]:
+        """The oldest ``limit`` dead letters from ``start`` up to ``end``."""
+        rows: Any = translate("XRANGE", lambda: self.client.xrange(self.stream, min=start, max=end, count=limit))
         out = []
         for dead_id, fields in rows:
             text = {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items() if k != b"payload"}
@@ -94,11 +94,16 @@ class DeadLetters:
         Only those with ``reason`` if given, at most ``limit``. The XADD to the
         source stream comes before the XDEL: a crash between them duplicates an
         entry (absorbed by ON CONFLICT), never loses one. Returns (moved, scanned).
+
+        Only the letters present when the run starts are looked at: a running service
+        dead-letters a redriven entry that is still bad again, at the stream's tail, and
+        this run must not move it a second time.
         """
         moved = scanned = 0
         start = "-"
-        while limit is None or moved < limit:
-            batch = self.list(page, start)
+        end = self._last_id()
+        while end is not None and (limit is None or moved < limit):
+            batch = self.list(page, start, end)
             if not batch:
                 break
             start = "(" + batch[-1].dead_id
@@ -112,6 +117,11 @@ class DeadLetters:
             if progress is not None:
                 progress(moved, scanned)
         return moved, scanned
+
+    def _last_id(self) -> str | None:
+        """The id of the newest dead letter now, None when there is none."""
+        rows: Any = translate("XREVRANGE", lambda: self.client.xrevrange(self.stream, count=1))
+        return rows[0][0].decode() if rows else None
 
     def _move(self, letters: Sequence[StoredDeadLetter]) -> None:
         pipe = self.client.pipeline(transaction=False)

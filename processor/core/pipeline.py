@@ -144,6 +144,7 @@ class Pipeline:
         finally:
             self._defer_acks = False
         self._heartbeat()
+        self._note_postgres()
         self._keep_fresh()
         self._retry_letters()
         if self._at_bound():
@@ -167,6 +168,13 @@ class Pipeline:
             return
         if entries:
             self.process(entries)
+
+    def _note_postgres(self) -> None:
+        """A failing or stalled write makes the service not ready at once (the monitor's next
+        probe would say it within its interval; a successful batch says the opposite)."""
+        writable, why = self.writer.writable()
+        if not writable:
+            self.health.postgres_result(why)
 
     def _at_bound(self) -> bool:
         """Reading pauses at the in-flight bound, and while a batch's worth of dead letters waits for Redis."""

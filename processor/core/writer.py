@@ -205,6 +205,8 @@ class Writer:
         self._probe_error: str | None = "no PostgreSQL write or probe yet"
         self._busy: dict[int, float] = {}  # thread id -> monotonic start of its running attempt
         self._commits = 0  # statements committed, by every thread: proves the database writable
+        # The last record inserted: a known-good neighbour for a row that fails alone (see _neighbour_written).
+        self._last_good: Record | None = None
         self._last_success = 0.0
 
     # --- state for /readyz -------------------------------------------------------------
@@ -357,6 +359,8 @@ class Writer:
             reason = str(exc)
         finally:
             self._busy.pop(ident, None)
+        if split.suspects and not split.proven and reason is None:
+            reason = self._neighbour_written(split)
         reason = self._judge_suspects(batch, settled, split, reason)
         results = _fill_unsettled(settled, reason)
         self._account(results, reason, time.perf_counter() - started)
@@ -386,6 +390,32 @@ class Writer:
         mid = (lo + hi) // 2
         self._settle(conn, batch, lo, mid, settled, split)
         self._settle(conn, batch, mid, hi, settled, split)
+
+    def _neighbour_written(self, split: _Split) -> str | None:
+        """Rows failed alone with a suspect error and nothing else was written: is the database
+        refusing these rows, or every row? Write a known-good neighbour, the last record inserted,
+        in a transaction that is rolled back (its triggers and checks run, nothing is kept). If it
+        goes through, the database writes rows: ``split.proven``. A systemic error is returned."""
+        neighbour = self._last_good
+        if neighbour is None:
+            return None  # nothing written since the start yet: stays unproven
+        try:
+            conn = self._connection()
+            with conn.cursor() as cur:
+                try:
+                    _values_insert(cur, [neighbour])
+                finally:
+                    _quietly(conn.rollback)
+        except psycopg2.Error as exc:
+            translated = _translate(exc)
+            if isinstance(translated, TransientError):
+                self._discard_connection()
+                return str(translated)
+            return None  # refused too: the database refuses every row, not these
+        except (RowRejectedError, ValueError):
+            return None
+        split.proven = True
+        return None
 
     def _judge_suspects(self, batch: list[Record], settled: list[WriteResult | None], split: _Split,
                         reason: str | None) -> str | None:
@@ -424,6 +454,7 @@ class Writer:
         with self._lock:
             self._commits += 1
         self._last_success = time.time()
+        self._last_good = batch[-1]
         if self._metrics is not None:
             self._metrics.last_write_timestamp.set(self._last_success)
         return outcomes
