@@ -70,15 +70,16 @@ def translate(what: str, call: Callable[[], T]) -> T:
         raise ProcessorError(f"{what}: {redact(exc)}") from exc
 
 
-# NOGROUP: the group or the stream is gone. UNBLOCKED: Redis 7 ends a blocked XREADGROUP that way
-# when the stream key is deleted under it. Both mean "recreate the group" (CONTRACT 4 rule 11).
-_NOGROUP = re.compile(r"(?:^|caused error: )(?:NOGROUP|UNBLOCKED)\b")
+# NOGROUP: the group or the stream is gone. "UNBLOCKED the stream key no longer exists": Redis 7
+# ends a blocked XREADGROUP that way when the stream key is deleted under it. Both mean "recreate
+# the group" (CONTRACT 4 rule 11). Any other UNBLOCKED (the instance turned replica) is a refusal.
+_NOGROUP = re.compile(r"(?:^|caused error: )(?:NOGROUP\b|UNBLOCKED the stream key no longer exists)")
 # Replies that say "not now" rather than "never": OOM at maxmemory, READONLY on a replica after a
 # failover, MISCONF when snapshots fail, LOADING, BUSY, MASTERDOWN, NOREPLICAS, TRYAGAIN, CLUSTERDOWN.
 # They are transient: back off, stay alive, keep the entries pending (redis-py gives the message
 # without the code for some of them, hence the phrases).
 _REFUSED = re.compile(r"(?:^|caused error: )(?:OOM|READONLY|MISCONF|LOADING|BUSY|MASTERDOWN|NOREPLICAS|TRYAGAIN|"
-                      r"CLUSTERDOWN)\b|command not allowed when used memory|You can't write against a read only|"
+                      r"CLUSTERDOWN|UNBLOCKED)\b|command not allowed when used memory|You can't write against a read only|"
                       r"Redis is loading")
 # XCLAIM takes this many ids per command when keeping our own entries fresh.
 TOUCH_CHUNK = 1000
@@ -116,7 +117,13 @@ class StreamConsumer:
     # --- group ---
 
     def ensure_group(self) -> bool:
-        """Create the group from id 0 with MKSTREAM; True if created, False if it existed (BUSYGROUP)."""
+        """Create the group from id 0 with MKSTREAM; True if created, False if it existed (BUSYGROUP).
+
+        Looks first (XINFO GROUPS, a read): Redis at maxmemory refuses XGROUP CREATE with OOM
+        even when the group exists, and a restart must then go on reading, not wait for memory.
+        """
+        if self._group_exists():
+            return False
         try:
             translate("XGROUP CREATE", lambda: self.client.xgroup_create(
                 self.stream, self.group, id="0", mkstream=True))
@@ -127,6 +134,15 @@ class StreamConsumer:
         log.info("consumer group %s created on stream %s", self.group, self.stream,
                  extra={"consumer": self.consumer})
         return True
+
+    def _group_exists(self) -> bool:
+        try:
+            groups = translate("XINFO GROUPS", lambda: self.client.xinfo_groups(self.stream))
+        except TransientError:
+            raise
+        except ProcessorError:  # no such key: the stream is not there yet
+            return False
+        return any(_id_str(g.get("name")) == self.group for g in groups)
 
     def recover_group(self) -> None:
         """After NOGROUP (e.g. Redis restarted without persistence): recreate and re-read from our pending list."""
