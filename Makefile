@@ -1,10 +1,10 @@
-# make run | make test | make demo | make bench | make lint | make build
+# make run | make test | make faults | make soak | make demo | make bench | make lint | make build
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test faults demo bench lint build clean
+.PHONY: venv run test faults soak demo bench lint build clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ test: venv
 
 faults: venv
 	$(PY) -m pytest -m faults
+
+# The ten-minute chaos soak at 2,000 positions/s (SOAK_SECONDS=... to change the length).
+soak: venv
+	$(PY) -m pytest -m soak -rP tests/faults/test_soak.py
 
 demo: venv
 	$(PY) -m processor.devservers --demo -- $(PY) processor.py run
