@@ -1,6 +1,11 @@
 """The dead-letter stream (CONTRACT 5): where entries that can never be stored go, with the reason.
 
-The XADD here always happens before the caller's XACK, never after.
+Adding a dead letter and acknowledging its entry happen in one server-side script: the XADDs
+first, then the XACK, atomically. Done as two calls, a crash or a Redis restart between them
+left the entry pending with its letter already written, and its next delivery wrote a second
+letter (the soak found it). An XADD that fails inside the script stops it before the XACK: the
+entry stays pending, never acknowledged without its letter. Redrive moves letters back the same
+way (XADD to the source stream, then XDEL, in one script).
 """
 
 from __future__ import annotations
@@ -18,6 +23,27 @@ from .redact import redact
 log = logging.getLogger(__name__)
 
 MAX_DETAIL_CHARS = 500
+_FIELDS = 8  # field/value pairs of one dead letter (CONTRACT 5)
+
+# KEYS: dead-letter stream, source stream. ARGV: group, n, then n x 16 field/value arguments, then
+# the n source ids to acknowledge.
+_ADD_AND_ACK = """
+local n = tonumber(ARGV[2])
+for k = 0, n - 1 do
+    local first = 3 + k * 16
+    redis.call('XADD', KEYS[1], '*', unpack(ARGV, first, first + 15))
+end
+redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, 3 + n * 16, #ARGV))
+return n
+"""
+# KEYS: source stream, dead-letter stream. ARGV: n, then n payloads, then the n dead-letter ids.
+_MOVE_BACK = """
+local n = tonumber(ARGV[1])
+for k = 2, n + 1 do
+    redis.call('XADD', KEYS[1], '*', 'payload', ARGV[k])
+end
+return redis.call('XDEL', KEYS[2], unpack(ARGV, n + 2, #ARGV))
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,25 +78,23 @@ class DeadLetters:
         self.stream = stream
         self.source_stream = source_stream
         self.group = group
+        self._add_and_ack = client.register_script(_ADD_AND_ACK)
+        self._move_back = client.register_script(_MOVE_BACK)
 
     def add(self, letters: Sequence[DeadLetter]) -> None:
-        """XADD every letter (one round trip). Raises TransientError if Redis is unreachable."""
+        """XADD every letter and XACK their entries, atomically (one round trip). Raises TransientError
+        if Redis is unreachable or refuses writes (then nothing was added and nothing acknowledged)."""
         if not letters:
             return
         now = _iso_utc(time.time())
-        pipe = self.client.pipeline(transaction=False)
+        args: list[Any] = [self.group, len(letters)]
         for letter in letters:
-            pipe.xadd(self.stream, {
-                "payload": letter.payload,
-                "reason": letter.reason,
-                "detail": redact(letter.detail)[:MAX_DETAIL_CHARS],
-                "source_stream": self.source_stream,
-                "source_id": letter.source_id,
-                "group": self.group,
-                "deliveries": str(letter.deliveries),
-                "dead_lettered_at": now,
-            })
-        translate("XADD dead letter", pipe.execute)
+            args += ["payload", letter.payload, "reason", letter.reason,
+                     "detail", redact(letter.detail)[:MAX_DETAIL_CHARS], "source_stream", self.source_stream,
+                     "source_id", letter.source_id, "group", self.group, "deliveries", str(letter.deliveries),
+                     "dead_lettered_at", now]
+        args += [letter.source_id for letter in letters]
+        translate("XADD dead letter", lambda: self._add_and_ack(keys=[self.stream, self.source_stream], args=args))
         for letter in letters:
             log.warning("dead-lettered %s: %s (%s)", letter.source_id, letter.reason,
                         redact(letter.detail)[:200])
@@ -92,8 +116,8 @@ class DeadLetters:
         """Move dead letters back onto the source stream, then remove them from the dead-letter stream.
 
         Only those with ``reason`` if given, at most ``limit``. The XADD to the
-        source stream comes before the XDEL: a crash between them duplicates an
-        entry (absorbed by ON CONFLICT), never loses one. Returns (moved, scanned).
+        source stream and the XDEL happen in one script: nothing is moved twice or
+        lost, whenever the process dies. Returns (moved, scanned).
 
         Only the letters present when the run starts are looked at: a running service
         dead-letters a redriven entry that is still bad again, at the stream's tail, and
@@ -124,8 +148,5 @@ class DeadLetters:
         return rows[0][0].decode() if rows else None
 
     def _move(self, letters: Sequence[StoredDeadLetter]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for d in letters:
-            pipe.xadd(self.source_stream, {"payload": d.payload})
-        translate("XADD redrive", pipe.execute)
-        translate("XDEL dead letters", lambda: self.client.xdel(self.stream, *[d.dead_id for d in letters]))
+        args: list[Any] = [len(letters), *[d.payload for d in letters], *[d.dead_id for d in letters]]
+        translate("redrive (XADD, XDEL)", lambda: self._move_back(keys=[self.source_stream, self.stream], args=args))

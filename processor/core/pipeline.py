@@ -267,7 +267,7 @@ class Pipeline:
         return done
 
     def _settle_unwritable(self, letters: list[DeadLetter], lost: list[str]) -> None:
-        """Dead-letter rejections (XADD first), count lost entries, then acknowledge both."""
+        """Dead-letter rejections (with their acknowledgement), count lost entries and acknowledge them."""
         for entry_id in lost:
             log.error("pending entry %s has no data (trimmed or deleted): lost, acknowledging it", entry_id,
                       extra={"consumer": self.consumer.consumer})
@@ -278,11 +278,11 @@ class Pipeline:
             # Not acknowledged: held here, retried with back-off, kept fresh (never claimed back).
             self._letters.extend(letters)
             self._inflight_ids.update(d.source_id for d in letters)
-            letters = []
-        self._ack([d.source_id for d in letters] + lost)
+        self._ack(lost)
 
     def _store_letters(self, letters: list[DeadLetter]) -> bool:
-        """XADD ``letters`` to the dead-letter stream; False (and not ready) if Redis refused them."""
+        """XADD ``letters`` to the dead-letter stream and acknowledge their entries, in one atomic step;
+        False (and not ready) if Redis refused them."""
         try:
             self.dead_letters.add(letters)
         except TransientError as exc:
@@ -294,6 +294,8 @@ class Pipeline:
         for letter in letters:
             self.metrics.records_dead_lettered.labels(letter.reason).inc()
         self.totals.dead_lettered += len(letters)
+        self.metrics.acks.inc(len(letters))
+        self.totals.acked += len(letters)
         return True
 
     def _retry_letters(self, force: bool = False) -> None:
@@ -306,7 +308,6 @@ class Pipeline:
             self.health.problem("dead letters", None)
             self._letters_backoff = BACKOFF_START_S
             log.info("stored %d held dead letters", len(held), extra={"consumer": self.consumer.consumer})
-            self._ack([d.source_id for d in held])
             return
         self._letters = held
         self._letters_retry_at = time.monotonic() + self._letters_backoff
