@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from functools import partial
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 import redis
@@ -79,8 +80,8 @@ _NOGROUP = re.compile(r"(?:^|caused error: )(?:NOGROUP\b|UNBLOCKED the stream ke
 # They are transient: back off, stay alive, keep the entries pending (redis-py gives the message
 # without the code for some of them, hence the phrases).
 _REFUSED = re.compile(r"(?:^|caused error: )(?:OOM|READONLY|MISCONF|LOADING|BUSY|MASTERDOWN|NOREPLICAS|TRYAGAIN|"
-                      r"CLUSTERDOWN|UNBLOCKED)\b|command not allowed when used memory|You can't write against a read only|"
-                      r"Redis is loading")
+                      r"CLUSTERDOWN|UNBLOCKED)\b|command not allowed when used memory|"
+                      r"You can't write against a read only|Redis is loading")
 # XCLAIM takes this many ids per command when keeping our own entries fresh.
 TOUCH_CHUNK = 1000
 
@@ -226,9 +227,9 @@ class StreamConsumer:
         (CONTRACT 4 rule 14). Ids no longer pending are ignored (no FORCE). Returns how many were."""
         touched = 0
         for start in range(0, len(ids), TOUCH_CHUNK):
-            chunk = list(ids[start:start + TOUCH_CHUNK])
-            touched += len(translate("XCLAIM JUSTID", lambda: self.client.xclaim(
-                self.stream, self.group, self.consumer, 0, chunk, justid=True)))
+            chunk: list[Any] = list(ids[start:start + TOUCH_CHUNK])
+            touched += len(translate("XCLAIM JUSTID", partial(
+                self.client.xclaim, self.stream, self.group, self.consumer, 0, chunk, justid=True)))
         return touched
 
     def reset_connections(self) -> None:

@@ -290,6 +290,8 @@ class Pipeline:
             self.health.problem("dead letters", f"{len(self._letters) + len(letters)} cannot be stored: {exc}")
             log.warning("could not dead-letter %d entries, holding them (still pending) and retrying in %.1fs: %s",
                         len(letters), self._letters_backoff, exc, extra={"consumer": self.consumer.consumer})
+            self._letters_retry_at = time.monotonic() + self._letters_backoff
+            self._letters_backoff = min(self._letters_backoff * 2, BACKOFF_MAX_S)
             return False
         for letter in letters:
             self.metrics.records_dead_lettered.labels(letter.reason).inc()
@@ -310,8 +312,6 @@ class Pipeline:
             log.info("stored %d held dead letters", len(held), extra={"consumer": self.consumer.consumer})
             return
         self._letters = held
-        self._letters_retry_at = time.monotonic() + self._letters_backoff
-        self._letters_backoff = min(self._letters_backoff * 2, BACKOFF_MAX_S)
 
     # --- settling written batches ---
 

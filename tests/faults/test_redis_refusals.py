@@ -13,8 +13,6 @@ import subprocess
 import sys
 import time
 
-import psycopg2
-import pytest
 import redis
 
 from processor.core.consumer import StreamConsumer, redis_client as make_client

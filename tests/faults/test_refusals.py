@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Mapping
 
 import psycopg2
-import pytest
 import redis
 
 from tests.faults.conftest import (assert_nothing_lost, fleet_entries, log_entries, publish_entries, scrape,
@@ -149,7 +148,8 @@ def test_a_server_turning_read_only_holds_the_batch_instead_of_dead_lettering_it
         wait_or_explain(proc, lambda: settled(redis_client, keys, pg.url, 20), 60, 0.05, "20 rows")
         assert stop(proc) == 0
         split = log_entries(proc, "row rejected by PostgreSQL")
-    print(f"measured: readyz {status} {why.strip()!r} while read-only; deliveries {sorted(set(while_read_only.values()))}")
+    print(f"measured: readyz {status} {why.strip()!r} while read-only; "
+          f"deliveries {sorted(set(while_read_only.values()))}")
     assert set(while_read_only.values()) == {1}
     assert status == 503 and "read-only transaction" in why
     assert rejected == 0 and split == []  # never split row by row, never blamed on a row
@@ -328,8 +328,8 @@ def test_a_peer_does_not_claim_entries_whose_write_waits_in_another_instance(
     finally:
         held.close()
     a_ids = set(list(published)[:10])
-    print(f"measured: A's 10 entries waited {3 * idle_ms} ms; deliveries meanwhile {sorted(set(waiting[i] for i in a_ids))}; "
-          f"B reclaimed {b_reclaimed_end:.0f}")
+    print(f"measured: A's 10 entries waited {3 * idle_ms} ms; deliveries meanwhile "
+          f"{sorted(set(waiting[i] for i in a_ids))}; B reclaimed {b_reclaimed_end:.0f}")
     assert a_ids <= set(waiting) and {waiting[i] for i in a_ids} == {1}
     assert b_reclaimed == 0 and b_reclaimed_end == 0
     assert owners == {"instance-a": 0, "instance-b": 0}

@@ -105,9 +105,10 @@ def test_ten_minutes_of_chaos_at_2000_per_second(fault_env, throwaway_postgres, 
     role = f"soak_{uuid.uuid4().hex[:8]}"
     _admin(pg.url, f"CREATE ROLE {role} LOGIN", f"GRANT USAGE ON SCHEMA public TO {role}",
            f"GRANT SELECT, INSERT ON positions TO {role}")
-    env, metrics = with_metrics(dict(fault_env, REDIS_URL=rd.url, POSTGRES_URL=pg.url.replace("postgres@", f"{role}@", 1),
-                                     MIGRATE_ON_START="false", RECLAIM_IDLE_MS="5000", BLOCK_MS="200",
-                                     SHUTDOWN_TIMEOUT_S="5", LOG_LEVEL="warning"))
+    writer_url = pg.url.replace("postgres@", f"{role}@", 1)
+    env, metrics = with_metrics(dict(fault_env, REDIS_URL=rd.url, POSTGRES_URL=writer_url, MIGRATE_ON_START="false",
+                                     RECLAIM_IDLE_MS="5000", BLOCK_MS="200", SHUTDOWN_TIMEOUT_S="5",
+                                     LOG_LEVEL="warning"))
     total = int(SOAK_S * RATE)
     rng = random.Random(11)
     valid = [e[b"payload"] for e in fleet_entries(total, devices=2000, seed=31)]
@@ -197,8 +198,8 @@ def test_ten_minutes_of_chaos_at_2000_per_second(fault_env, throwaway_postgres, 
           f"dead letters {outcome.dead_letters}; chaos {dict(actions)}; {len(lives)} service lives; "
           f"publisher retries {publisher.failures}")
     print(f"measured: RSS MB min {min(rss):.0f} median {sorted(rss)[len(rss) // 2]:.0f} max {max(rss):.0f}; "
-          f"PostgreSQL connections {min(pg_conns)}..{max(pg_conns)}; Redis connections {min(redis_conns)}..{max(redis_conns)}; "
-          f"{len(samples)} samples")
+          f"PostgreSQL connections {min(pg_conns)}..{max(pg_conns)}; "
+          f"Redis connections {min(redis_conns)}..{max(redis_conns)}; {len(samples)} samples")
     assert outcome.dead_letters == {"invalid_json": invalid}  # no good entry dead-lettered
     assert outcome.rows == len(publisher.published) - invalid
     assert max(pg_conns) <= 6 and max(redis_conns) <= 6  # one per writer thread, the monitor, a spare
