@@ -913,7 +913,7 @@ def _cancel_backend(dsn: str, conn: Any) -> None:
     try:
         canceller.autocommit = True
         with canceller.cursor() as cur:
-            cur.execute(f"SET statement_timeout = {CANCEL_TIMEOUT_S * 1000}")
+            cur.execute("SELECT set_config('statement_timeout', %s, false)", (str(CANCEL_TIMEOUT_S * 1000),))
             cur.execute("SELECT pg_cancel_backend(%s)", (pid,))
     except psycopg2.Error as exc:
         log.debug("cancel of backend %s failed: %s", pid, db.describe(exc))
