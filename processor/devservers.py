@@ -86,6 +86,28 @@ def postgres_bindir() -> Path | None:
     return None
 
 
+# A server that preloads TimescaleDB, as production runs it (CONTRACT 2). Telemetry off: these
+# servers are offline and throwaway. No background workers: the per-database job scheduler keeps a
+# session open in every database with the extension, and CREATE DATABASE ... TEMPLATE refuses a
+# template that has one; the processor uses no TimescaleDB job (policies, compression).
+TIMESCALEDB_SETTINGS: Mapping[str, str] = {
+    "shared_preload_libraries": "'timescaledb'",
+    "timescaledb.telemetry_level": "off",
+    "timescaledb.max_background_workers": "0",
+}
+
+
+def timescaledb_installed(bindir: Path | None = None) -> bool:
+    """True when the TimescaleDB library sits beside the PostgreSQL server of ``bindir``
+    (default :func:`postgres_bindir`), so a throwaway server can preload it."""
+    bindir = bindir or postgres_bindir()
+    if bindir is None:
+        return False
+    # Debian: /usr/lib/postgresql/15/{bin,lib}; a source build: /usr/local/pgsql/{bin,lib}.
+    libdirs = [bindir.parent / "lib", bindir.parent / "lib" / "postgresql"]
+    return any((d / "timescaledb.so").is_file() for d in libdirs)
+
+
 def redis_server_binary() -> str | None:
     """The path of ``redis-server``, or None if Redis is not installed."""
     return shutil.which("redis-server")
@@ -379,6 +401,10 @@ class ThrowawayPostgres(_ThrowawayServer):
         self.ca_file: Path | None = None
         self.cert_file: Path | None = None
         self.key_file: Path | None = None
+
+    @property
+    def preloads_timescaledb(self) -> bool:
+        return "timescaledb" in self.settings.get("shared_preload_libraries", "")
 
     @property
     def url(self) -> str:

@@ -220,6 +220,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.backends("plain")
 def test_cli_starts_a_throwaway_redis_when_nothing_answers(tmp_path: Path, pg_admin_url: str) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
     child = textwrap.dedent("""
@@ -253,6 +254,7 @@ def test_cli_fails_in_one_line_when_nothing_answers_and_nothing_is_installed(tmp
     assert err.splitlines() == [expected]
 
 
+@pytest.mark.backends("plain")
 def test_cli_forwards_sigterm_once_and_returns_the_exit_status(tmp_path: Path, redis_url: str,
                                                                pg_admin_url: str) -> None:
     child = textwrap.dedent("""
