@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -441,6 +442,104 @@ def test_unit_sandbox_exposure_is_low(tmp_path: Path) -> None:
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout[-500:] + result.stderr
     assert float(match.group(1)) <= 2.0, result.stdout
+
+
+# --- systemd template unit: N instances on one host ----------------------------------------------
+
+TEMPLATE = ROOT / "deploy" / "telemetry-processor@.service"
+PROGRAM = "/opt/telemetry-processor/.venv/bin/telemetry-processor"
+
+
+def _template_exec_start() -> list[str]:
+    return one(unit_directives(TEMPLATE.read_text())["Service"], "ExecStart").split()
+
+
+def test_template_unit_is_the_unit_with_a_name_and_a_port_per_instance() -> None:
+    single, template = unit_directives(UNIT.read_text()), unit_directives(TEMPLATE.read_text())
+    # Only Description and ExecStart differ: the sandbox, restarts and stop timeout are the same.
+    strip = ("Description", "ExecStart")
+    assert {k: [d for d in v if d[0] not in strip] for k, v in template.items()} == \
+        {k: [d for d in v if d[0] not in strip] for k, v in single.items()}
+    assert "%i" in one(template["Unit"], "Description")
+    # EnvironmentFile= overrides Environment=, so the per-instance values go on the command line.
+    assert _template_exec_start() == ["/usr/bin/env", "CONSUMER_NAME=%H-%i", "METRICS_PORT=%i", PROGRAM, "run"]
+    assert not [v for k, v in template["Service"] if k == "Environment" and "CONSUMER_NAME" in v]
+
+
+def _template_copy(tmp_path: Path, extra: str = "") -> Path:
+    """The template in ``tmp_path`` with its program replaced by one that exists here; the instance's path."""
+    true = shutil.which("true")
+    assert true
+    text = TEMPLATE.read_text()
+    assert PROGRAM in text
+    (tmp_path / TEMPLATE.name).write_text(text.replace(PROGRAM, true) + extra)
+    return tmp_path / "telemetry-processor@9464.service"
+
+
+@needs_systemd_analyze
+def test_template_instance_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    # An instance's path loads the template beside it, specifiers included.
+    result = _verify(_template_copy(tmp_path))
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    broken = _verify(_template_copy(tmp_path, "\n[Service]\nRestart=sometimes\n"))
+    assert "restart specifier" in broken.stderr
+
+
+def _as_systemd_runs(instance: str, shared_env: dict[str, str]) -> subprocess.Popen[str]:
+    """The template's ExecStart for ``instance``, specifiers expanded as systemd does (%H the host
+    name, %i the instance), the shared EnvironmentFile's values in the environment, and the
+    program replaced by this checkout's."""
+    argv = [part.replace("%H", socket.gethostname()).replace("%i", instance) for part in _template_exec_start()]
+    assert argv[-2:] == [PROGRAM, "run"]
+    argv[-2:] = [sys.executable, str(ROOT / "processor.py"), "run"]
+    return subprocess.Popen(argv, env=shared_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_two_template_instances_share_the_group_with_their_own_names_and_ports(service_env, redis_client, pg_url,
+                                                                               keys) -> None:
+    from tests.helpers import free_port, payload, pending_count, publish, row_count, wait_until
+
+    ports = [free_port() for _ in range(2)]
+    # The shared file may name a CONSUMER_NAME and a METRICS_PORT: the instance's own win.
+    shared = dict(service_env, CONSUMER_NAME="shared-name", METRICS_PORT="1", METRICS_HOST="127.0.0.1",
+                  LOG_FORMAT="text")
+    procs = [_as_systemd_runs(str(port), shared) for port in ports]
+    try:
+        wait_until(lambda: all(_ready(port) for port in ports), 30, 0.1, "both instances ready")
+        publish(redis_client, keys["stream"], [payload(f"dev{i % 50}", 1_700_000_000_000 + i * 1000)
+                                               for i in range(2000)])
+        wait_until(lambda: row_count(pg_url) == 2000 and
+                   pending_count(redis_client, keys["stream"], keys["group"]) == 0, 60, 0.1, "2,000 rows")
+        consumers = {c["name"].decode() for c in redis_client.xinfo_consumers(keys["stream"], keys["group"])}
+    finally:
+        for proc in procs:
+            proc.terminate()
+        outputs = [proc.communicate(timeout=30)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    host = socket.gethostname()
+    assert consumers == {f"{host}-{port}" for port in ports}
+    for port, output in zip(ports, outputs):
+        assert f"consumer {host}-{port}" in output, output[-2000:]
+
+
+def test_a_template_instance_that_is_not_a_port_exits_2_in_one_line(service_env) -> None:
+    proc = _as_systemd_runs("blue", dict(service_env, LOG_FORMAT="text"))
+    output = proc.communicate(timeout=30)[0]
+    from processor.cli import EXIT_CONFIG
+
+    assert proc.returncode == EXIT_CONFIG  # RestartPreventExitStatus: not restarted in a loop
+    assert output.strip().splitlines() == ["telemetry-processor: METRICS_PORT must be an integer from 0 to 65535 "
+                                           "(0 disables the server), got 'blue'"]
+
+
+def _ready(port: int) -> bool:
+    from tests.helpers import http_get
+
+    try:
+        return http_get(f"http://127.0.0.1:{port}/readyz", timeout=2)[0] == 200
+    except OSError:  # not listening yet
+        return False
 
 
 # --- cron ------------------------------------------------------------------------------------------

@@ -26,12 +26,13 @@ def _fenced_blocks(language: str) -> list[str]:
 def _command_lines() -> list[list[str]]:
     """Every `telemetry-processor ...` / `python processor.py ...` invocation in the README, as argv."""
     found = []
-    texts = _fenced_blocks("sh") + re.findall(r"`((?:telemetry-processor|python processor\.py)[^`]*)`", README)
+    # `telemetry-processor@9464` is a systemd unit, not the program.
+    texts = _fenced_blocks("sh") + re.findall(r"`((?:telemetry-processor|python processor\.py)(?: [^`]*)?)`", README)
     for text in texts:
         for line in text.splitlines():
             line = line.strip()
             for prefix in ("telemetry-processor", "python processor.py"):
-                if line.startswith(prefix):
+                if line == prefix or line.startswith(prefix + " "):
                     argv = shlex.split(line[len(prefix):].replace("[", " ").replace("]", " ").replace("|", " "))
                     found.append(argv)
     return found
