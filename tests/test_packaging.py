@@ -273,16 +273,39 @@ def test_compose_databases(compose: dict) -> None:
     services = compose["services"]
     assert set(services) == {"timescaledb", "redis", "processor"}
     pg, rd = services["timescaledb"], services["redis"]
-    assert pg["image"] == "timescale/timescaledb:latest-pg16"
+    assert pg["image"] == "${TIMESCALEDB_IMAGE:-timescale/timescaledb:latest-pg16}"
     assert pg["environment"]["POSTGRES_PASSWORD"] == "postgres"  # tests/conftest.py connects with it
     assert _container_ports(pg) == {5432}
     assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
-    assert rd["image"] == "redis:7"
+    assert rd["image"] == "${REDIS_IMAGE:-redis:7}"
     assert " ".join(rd["command"]).endswith("--appendonly yes")
     assert _container_ports(rd) == {6379}
     assert rd["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     # pytest-docker runs a plain `up`: the databases must not be behind a profile.
     assert "profiles" not in pg and "profiles" not in rd
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR:-default}``: the variable when set and not empty, else the default."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m.group(1)) or m.group(2), value)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, ("timescale/timescaledb:latest-pg16", "redis:7")),
+    ({"TIMESCALEDB_IMAGE": "", "REDIS_IMAGE": ""}, ("timescale/timescaledb:latest-pg16", "redis:7")),
+    ({"TIMESCALEDB_IMAGE": "mirror.internal/timescaledb:2.17-pg16", "REDIS_IMAGE": "localhost/redis:7.2"},
+     ("mirror.internal/timescaledb:2.17-pg16", "localhost/redis:7.2")),
+], ids=["defaults", "empty", "overridden"])
+def test_compose_database_images_can_be_overridden(compose: dict, env: dict[str, str],
+                                                    expected: tuple[str, str]) -> None:
+    services = compose["services"]
+    assert (_interpolate(services["timescaledb"]["image"], env), _interpolate(services["redis"]["image"], env)) \
+        == expected
+    # Nothing else in the file is left to a variable without a default.
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert not re.findall(r"\$\{\w+\}", text)
+    assert set(re.findall(r"\$\{(\w+):-", text)) == {"TIMESCALEDB_IMAGE", "REDIS_IMAGE", "TP_POSTGRES_PORT",
+                                                     "TP_REDIS_PORT", "TP_METRICS_PORT"}
 
 
 def test_compose_processor(compose: dict) -> None:

@@ -16,7 +16,8 @@ from tests.helpers import ROOT, free_port
 
 README = (ROOT / "README.md").read_text()
 # Names in the README that look like variables (UPPER_CASE with an underscore) but are not the service's.
-OTHER_VARIABLES = {"TEST_REDIS_URL", "TEST_POSTGRES_URL", "TEST_TIMESCALEDB_URL", "TEST_BACKENDS", "ON_ERROR_STOP"}
+OTHER_VARIABLES = {"TEST_REDIS_URL", "TEST_POSTGRES_URL", "TEST_TIMESCALEDB_URL", "TEST_BACKENDS", "ON_ERROR_STOP",
+                   "TIMESCALEDB_IMAGE", "REDIS_IMAGE"}  # docker-compose.yml's
 
 
 def _fenced_blocks(language: str) -> list[str]:
