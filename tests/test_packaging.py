@@ -519,6 +519,7 @@ def _as_systemd_runs(instance: str, shared_env: dict[str, str]) -> subprocess.Po
                             text=True)
 
 
+@pytest.mark.backends("plain")  # the unit, not the database
 def test_two_template_instances_share_the_group_with_their_own_names_and_ports(service_env, redis_client, pg_url,
                                                                                keys) -> None:
     from tests.helpers import free_port, payload, pending_count, publish, row_count, wait_until
@@ -689,6 +690,7 @@ def test_build_makes_an_sdist_and_a_wheel_with_the_schema(dist: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.backends("plain")  # packaging; migrate on a hypertable: test_timescaledb.py
 def test_installed_wheel_runs_version_and_migrate(dist: Path, tmp_path: Path, empty_pg_url: str) -> None:
     """A fresh venv, the wheel from PyPI's dependencies, run from a directory that holds no source."""
     (wheel,) = dist.glob("*.whl")

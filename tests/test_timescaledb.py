@@ -168,8 +168,9 @@ def test_thirty_days_give_thirty_chunks_and_duplicates_are_absorbed_across_chunk
         redis_url: str, redis_client: Any, pg_url: str, keys: dict[str, str]) -> None:
     firsts, again, speeds = _thirty_days()
     # Published before the start: batches of 500 that each span several chunks, the rewrites mixed in.
+    # One writer thread: batches are stored in stream order, so "the first stored wins" is the first published.
     publish(redis_client, keys["stream"], firsts[:600] + again[:150] + firsts[600:] + again[150:])
-    config = config_for(redis_url, pg_url, keys, batch_size=500)
+    config = config_for(redis_url, pg_url, keys, batch_size=500, writer_threads=1)
     with InProcessService(config) as svc:
         wait_until(lambda: svc.sample("processor_acks_total") == 1200, 60, 0.1, "1,200 acknowledgements")
         inserted = svc.sample("processor_records_written_total", {"status": "inserted"})
