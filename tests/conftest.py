@@ -188,6 +188,11 @@ def pg_template(pg_admin_url: str, pg_backend: str) -> str:
     _admin_exec(pg_admin_url, f'CREATE DATABASE "{name}"')
     apply_schema(with_database(pg_admin_url, name))
     assert_backend(with_database(pg_admin_url, name), pg_backend)
+    # CREATE DATABASE ... TEMPLATE refuses a template with sessions, and a TimescaleDB server with its
+    # background workers on (TEST_TIMESCALEDB_URL, compose) keeps a job scheduler in every database with
+    # the extension: close the template to connections (the launcher skips such databases), end what is there.
+    _admin_exec(pg_admin_url, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+    _admin_exec(pg_admin_url, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
     yield name
     _admin_exec(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
