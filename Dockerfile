@@ -2,6 +2,10 @@
 #
 #   docker build -t telemetry-processor .
 #   docker compose --profile app up -d      (the processor beside TimescaleDB and Redis)
+#   podman build --format docker -t telemetry-processor .
+#
+# podman builds OCI images by default, and the OCI format has no HEALTHCHECK: podman
+# drops it with a warning. --format docker keeps it (tests/test_image.py builds so).
 #
 # Configuration is the environment (CONTRACT 3); nothing is baked in. `.env` is
 # kept out of the build context by .dockerignore, so no secret ends up in a layer.
@@ -10,12 +14,14 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
 
 # A fixed, numeric uid/gid: Kubernetes' runAsNonRoot can only check a number,
-# and volume ownership stays the same across rebuilds.
-RUN groupadd --system --gid 10001 telemetry \
- && useradd --system --uid 10001 --gid telemetry --no-create-home \
+# and volume ownership stays the same across rebuilds. Not --system: system
+# accounts are below 1000, and useradd warns about 10001 as one.
+RUN groupadd --gid 10001 telemetry \
+ && useradd --uid 10001 --gid telemetry --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin telemetry
 
 WORKDIR /app

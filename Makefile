@@ -1,10 +1,10 @@
-# make run | make test | make faults | make soak | make demo | make bench | make lint | make build
+# make run | make simulate | make test | make faults | make soak | make demo | make bench | make lint | make build
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test faults soak demo bench lint build clean
+.PHONY: venv run simulate test faults soak demo bench lint build clean
 
 venv: $(STAMP)
 
@@ -14,10 +14,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Runs the service; if nothing answers on REDIS_URL/POSTGRES_URL and the server
-# binaries are installed, starts throwaway local ones first and says so.
+# Runs the service. For REDIS_URL/POSTGRES_URL left unset (environment and .env)
+# where nothing answers, starts throwaway local servers first (if installed) and
+# says so; a URL you set is used as it is, answering or not.
 run: venv
 	$(PY) -m processor.devservers -- $(PY) processor.py run
+
+# Feeds `make run` from a second terminal: 20 moving trackers, 20 positions/s, on REDIS_URL.
+simulate: venv
+	$(PY) processor.py simulate --devices 20 --rate 20
 
 # The test command (README, .ci/run): the whole suite, fault scenarios included.
 test: venv
@@ -30,6 +35,7 @@ faults: venv
 soak: venv
 	$(PY) -m pytest -m soak -rP tests/faults/test_soak.py
 
+# The service and the simulator together; throwaway servers for any URL where nothing answers.
 demo: venv
 	$(PY) -m processor.devservers --demo -- $(PY) processor.py run
 

@@ -33,10 +33,18 @@ def _env_help() -> str:
     defaults = Config()
     lines = ["environment variables (also read from ./.env; the real environment wins):"]
     for name, (field, _, accepts) in _SPEC.items():
-        default = getattr(defaults, field)
-        shown = "the host name" if field == "consumer_name" else redact(default)
+        shown = "the host name" if field == "consumer_name" else _as_written(getattr(defaults, field))
         lines.append(f"  {name:<22} {accepts}; default {shown}")
     return "\n".join(lines)
+
+
+def _as_written(value: object) -> str:
+    """A default as one would write it in the environment (and as the README shows it): true, 15."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return redact(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,9 @@ As a program (``python -m processor.devservers [--demo] -- CMD...``) it checks
 that something answers on ``REDIS_URL`` and ``POSTGRES_URL``; for each one that
 does not, it starts a throwaway server if the binaries are installed, says so
 in one line, runs CMD with the URL exported, and removes the servers when CMD exits.
+Only for a URL the user did not set (in the environment or ``.env``), or with
+``--demo``: a mistyped URL of one's own must not be covered up by a server that
+looks healthy. CMD then gets that URL as it is, and reports why it cannot connect.
 """
 
 from __future__ import annotations
@@ -84,6 +87,28 @@ def postgres_bindir() -> Path | None:
         if (directory / "initdb").is_file() and (directory / "postgres").is_file():
             return directory
     return None
+
+
+# A server that preloads TimescaleDB, as production runs it (CONTRACT 2). Telemetry off: these
+# servers are offline and throwaway. No background workers: the per-database job scheduler keeps a
+# session open in every database with the extension, and CREATE DATABASE ... TEMPLATE refuses a
+# template that has one; the processor uses no TimescaleDB job (policies, compression).
+TIMESCALEDB_SETTINGS: Mapping[str, str] = {
+    "shared_preload_libraries": "'timescaledb'",
+    "timescaledb.telemetry_level": "off",
+    "timescaledb.max_background_workers": "0",
+}
+
+
+def timescaledb_installed(bindir: Path | None = None) -> bool:
+    """True when the TimescaleDB library sits beside the PostgreSQL server of ``bindir``
+    (default :func:`postgres_bindir`), so a throwaway server can preload it."""
+    bindir = bindir or postgres_bindir()
+    if bindir is None:
+        return False
+    # Debian: /usr/lib/postgresql/15/{bin,lib}; a source build: /usr/local/pgsql/{bin,lib}.
+    libdirs = [bindir.parent / "lib", bindir.parent / "lib" / "postgresql"]
+    return any((d / "timescaledb.so").is_file() for d in libdirs)
 
 
 def redis_server_binary() -> str | None:
@@ -381,6 +406,10 @@ class ThrowawayPostgres(_ThrowawayServer):
         self.key_file: Path | None = None
 
     @property
+    def preloads_timescaledb(self) -> bool:
+        return "timescaledb" in self.settings.get("shared_preload_libraries", "")
+
+    @property
     def url(self) -> str:
         auth = "postgres" + (f":{quote(self.password, safe='')}" if self.password else "")
         query = "?sslmode=require" if self.ssl else ""
@@ -608,12 +637,32 @@ def postgres_answers(url: str) -> bool:
     return _tcp_answers(host, port)
 
 
+def set_by_user(name: str, environ: Mapping[str, str], dotenv_path: str = ".env") -> str | None:
+    """Where the user set ``name`` ("the environment" or ".env"), or None when the default applies.
+    An empty value is no value, as for the service's configuration."""
+    if environ.get(name):
+        return "the environment"
+    if os.path.isfile(dotenv_path):
+        from dotenv import dotenv_values
+
+        if dotenv_values(dotenv_path).get(name):
+            return dotenv_path
+    return None
+
+
 def _ensure(what: str, url: str, answers: bool, installed: bool, make: Any,
-            servers: list[_ThrowawayServer]) -> str | None:
-    """The URL to use for one service, starting a throwaway server if needed (None: no way)."""
+            servers: list[_ThrowawayServer], chosen_in: str | None = None) -> str | None:
+    """The URL to use for one service, starting a throwaway server if needed (None: no way).
+
+    ``chosen_in``: where the user set this URL; such a URL is used as it is, answering or not.
+    """
     from .core.redact import redact
 
     if answers:
+        return url
+    if chosen_in is not None:
+        _say(f"nothing answers on {redact(url)}, the URL set in {chosen_in}; starting no throwaway "
+             f"{what} in its place (unset it, or use make demo, to get one)")
         return url
     if not installed:
         _say(f"nothing answers on {redact(url)} and no {what} server is installed; "
@@ -710,14 +759,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(str(exc))
         return 2
     env = dict(os.environ)
+    # --demo always has servers to show; otherwise only a default URL may be replaced.
+    def chosen(name: str) -> str | None:
+        return None if args.demo else set_by_user(name, env)
+
     servers: list[_ThrowawayServer] = []
     try:
         redis_url = _ensure("Redis", config.redis_url, redis_answers(config.redis_url),
-                            redis_server_binary() is not None, ThrowawayRedis, servers)
+                            redis_server_binary() is not None, ThrowawayRedis, servers, chosen("REDIS_URL"))
         if redis_url is None:
             return 1
-        postgres_url = _ensure("PostgreSQL", config.postgres_url, postgres_answers(config.postgres_url),
-                               postgres_bindir() is not None, ThrowawayPostgres, servers)
+        # Production's database when it is installed here: positions becomes a hypertable.
+        tsdb = timescaledb_installed()
+        postgres_url = _ensure("PostgreSQL with TimescaleDB" if tsdb else "PostgreSQL", config.postgres_url,
+                               postgres_answers(config.postgres_url), postgres_bindir() is not None,
+                               lambda: ThrowawayPostgres(settings=TIMESCALEDB_SETTINGS if tsdb else None),
+                               servers, chosen("POSTGRES_URL"))
         if postgres_url is None:
             return 1
         # The real environment wins over .env in load_config: exporting is enough.

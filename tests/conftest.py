@@ -7,6 +7,15 @@ the reason locally.
 
 Each test gets a fresh database (cloned from a template that already has the
 schema) and unique stream keys; both are dropped afterwards.
+
+Two PostgreSQL backends (docs/decisions.md, "Tests"): every test that uses a
+PostgreSQL fixture (``pg_admin_url``, ``pg_url``, ``empty_pg_url``, ``pg_conn``,
+``service_env``, the throwaway servers, and whatever builds on them) runs once
+on ``plain`` (the server above, where positions is a plain table) and once on
+``timescaledb`` (TEST_TIMESCALEDB_URL, else a throwaway server of the session
+that preloads TimescaleDB; positions is a hypertable). ``@pytest.mark.backends("plain")``
+keeps a test on the backends it names; ``TEST_BACKENDS=plain`` (a comma list)
+runs the session on fewer.
 """
 
 from __future__ import annotations
@@ -23,12 +32,39 @@ import pytest
 import redis
 
 # Throwaway servers on free ports (initdb/postgres, redis-server), for tests that stop, kill or restart one.
-from tests.servers import (apply_schema, throwaway_postgres, throwaway_postgres_factory,  # noqa: E402,F401
-                           throwaway_redis, throwaway_redis_factory)
+from tests.servers import (BACKENDS, apply_schema, assert_backend, backend_postgres,  # noqa: E402,F401
+                           throwaway_postgres, throwaway_postgres_factory, throwaway_redis,
+                           throwaway_redis_factory)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _session_backends() -> tuple[str, ...]:
+    raw = os.environ.get("TEST_BACKENDS", "")
+    names = tuple(n.strip() for n in raw.split(",") if n.strip()) or BACKENDS
+    unknown = set(names) - set(BACKENDS)
+    if unknown:
+        raise pytest.UsageError(f"TEST_BACKENDS must name some of {', '.join(BACKENDS)}, got {raw!r}")
+    return names
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each test whose fixtures reach PostgreSQL runs once per backend (its ``backends`` marker may narrow it)."""
+    if "pg_backend" not in metafunc.fixturenames:
+        return
+    wanted = _session_backends()
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is not None:
+        unknown = set(marker.args) - set(BACKENDS)
+        if not marker.args or unknown:
+            raise pytest.UsageError(f"{metafunc.definition.nodeid}: @pytest.mark.backends takes some of "
+                                    f"{', '.join(BACKENDS)}, got {marker.args!r}")
+        wanted = tuple(b for b in wanted if b in marker.args)
+    # Session scope: the backend's server and template are made once and shared by its tests.
+    # An empty list makes pytest report the test as skipped ("got empty parameter set").
+    metafunc.parametrize("pg_backend", wanted, indirect=True, scope="session")
 
 
 def _in_ci() -> bool:
@@ -90,7 +126,8 @@ def _services(request: pytest.FixtureRequest) -> dict[str, str]:
         pg_url = f"postgresql://postgres:postgres@127.0.0.1:{docker_services.port_for('timescaledb', 5432)}/postgres"
         docker_services.wait_until_responsive(lambda: _redis_ok(redis_url) is None, timeout=60, pause=1)
         docker_services.wait_until_responsive(lambda: _postgres_ok(pg_url) is None, timeout=60, pause=1)
-        redis_err = pg_err = None
+        # compose's database is TimescaleDB: it serves the timescaledb backend.
+        return {"redis": redis_url, "postgres": pg_url, "timescaledb": pg_url}
     if redis_err:
         _unavailable("Redis", redis_url, redis_err)
     if pg_err:
@@ -104,8 +141,33 @@ def redis_url(_services: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url(_services: dict[str, str]) -> str:
-    """The maintenance database: for CREATE/DROP DATABASE only."""
+def pg_backend(request: pytest.FixtureRequest) -> str:
+    """``plain`` or ``timescaledb``: the kind of PostgreSQL this test runs on (parametrised above)."""
+    return getattr(request, "param", BACKENDS[0])
+
+
+@pytest.fixture(scope="session")
+def _timescaledb_admin_url(_services: dict[str, str]) -> str:
+    """The maintenance database of a PostgreSQL that preloads TimescaleDB, for the whole session."""
+    url = os.environ.get("TEST_TIMESCALEDB_URL") or _services.get("timescaledb")
+    if url:
+        err = _postgres_ok(url)
+        if err:
+            _unavailable("TimescaleDB", url, err)
+        yield url
+        return
+    server = backend_postgres("timescaledb")
+    with server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(pg_backend: str, _services: dict[str, str], request: pytest.FixtureRequest) -> str:
+    """The maintenance database of this test's backend: for CREATE/DROP DATABASE only."""
+    if pg_backend == "timescaledb":
+        return request.getfixturevalue("_timescaledb_admin_url")
+    if "timescaledb" in _services:
+        pytest.skip("the only PostgreSQL is docker-compose's TimescaleDB: no plain backend (set TEST_POSTGRES_URL)")
     return _services["postgres"]
 
 
@@ -120,11 +182,17 @@ def _admin_exec(admin_url: str, sql: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def pg_template(pg_admin_url: str) -> str:
+def pg_template(pg_admin_url: str, pg_backend: str) -> str:
     """A template database that already has the schema; fresh databases are cloned from it."""
     name = f"tp_template_{uuid.uuid4().hex[:8]}"
     _admin_exec(pg_admin_url, f'CREATE DATABASE "{name}"')
     apply_schema(with_database(pg_admin_url, name))
+    assert_backend(with_database(pg_admin_url, name), pg_backend)
+    # CREATE DATABASE ... TEMPLATE refuses a template with sessions, and a TimescaleDB server with its
+    # background workers on (TEST_TIMESCALEDB_URL, compose) keeps a job scheduler in every database with
+    # the extension: close the template to connections (the launcher skips such databases), end what is there.
+    _admin_exec(pg_admin_url, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+    _admin_exec(pg_admin_url, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
     yield name
     _admin_exec(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

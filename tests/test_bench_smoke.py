@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_POSITIONS = 2_000
 SECTIONS = ("machine", "scale", "ceiling", "catch_up", "baseline", "latency", "memory", "scale_out",
@@ -36,6 +38,7 @@ def _drained_exactly(section: dict[str, Any], positions: int) -> None:
                                                    "postgres_backends", "redis_server"}
 
 
+@pytest.mark.backends("plain")  # bench/run.py makes its own databases of each kind
 def test_quick_benchmark_runs_every_contender_and_writes_the_json(redis_url: str, pg_admin_url: str,
                                                                   tmp_path: Path) -> None:
     out = tmp_path / "results.json"

@@ -13,6 +13,7 @@ import pytest
 from processor.core.config import VARIABLES, Config, load_config
 from processor.core.errors import ConfigError
 from tests.helpers import ROOT
+from tests.servers import assert_backend
 
 CONTRACT_COLUMNS = [
     # name, type, not null, has default
@@ -144,13 +145,19 @@ def test_two_migrates_started_at_the_same_moment_both_exit_0(empty_pg_url):
     assert _columns(empty_pg_url) == CONTRACT_COLUMNS
 
 
-def test_psql_f_schema_sql_twice_works(empty_pg_url):
+# What the second run of schema.sql says on each backend.
+SECOND_RUN_NOTICE = {"plain": "positions is a plain PostgreSQL table",
+                     "timescaledb": 'table "positions" is already a hypertable, skipping'}
+
+
+def test_psql_f_schema_sql_twice_works(empty_pg_url, pg_backend):
     for _ in range(2):
         result = subprocess.run(["psql", "-v", "ON_ERROR_STOP=1", "-q", "-f", str(ROOT / "schema.sql"),
                                  empty_pg_url], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
-    assert "positions is a plain PostgreSQL table" in result.stderr  # the NOTICE on plain PostgreSQL
+    assert SECOND_RUN_NOTICE[pg_backend] in result.stderr
     assert _columns(empty_pg_url) == CONTRACT_COLUMNS
+    assert_backend(empty_pg_url, pg_backend)
 
 
 def test_the_packaged_schema_is_the_top_level_schema():

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -272,16 +273,39 @@ def test_compose_databases(compose: dict) -> None:
     services = compose["services"]
     assert set(services) == {"timescaledb", "redis", "processor"}
     pg, rd = services["timescaledb"], services["redis"]
-    assert pg["image"] == "timescale/timescaledb:latest-pg16"
+    assert pg["image"] == "${TIMESCALEDB_IMAGE:-timescale/timescaledb:latest-pg16}"
     assert pg["environment"]["POSTGRES_PASSWORD"] == "postgres"  # tests/conftest.py connects with it
     assert _container_ports(pg) == {5432}
     assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
-    assert rd["image"] == "redis:7"
+    assert rd["image"] == "${REDIS_IMAGE:-redis:7}"
     assert " ".join(rd["command"]).endswith("--appendonly yes")
     assert _container_ports(rd) == {6379}
     assert rd["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     # pytest-docker runs a plain `up`: the databases must not be behind a profile.
     assert "profiles" not in pg and "profiles" not in rd
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR:-default}``: the variable when set and not empty, else the default."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m.group(1)) or m.group(2), value)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, ("timescale/timescaledb:latest-pg16", "redis:7")),
+    ({"TIMESCALEDB_IMAGE": "", "REDIS_IMAGE": ""}, ("timescale/timescaledb:latest-pg16", "redis:7")),
+    ({"TIMESCALEDB_IMAGE": "mirror.internal/timescaledb:2.17-pg16", "REDIS_IMAGE": "localhost/redis:7.2"},
+     ("mirror.internal/timescaledb:2.17-pg16", "localhost/redis:7.2")),
+], ids=["defaults", "empty", "overridden"])
+def test_compose_database_images_can_be_overridden(compose: dict, env: dict[str, str],
+                                                    expected: tuple[str, str]) -> None:
+    services = compose["services"]
+    assert (_interpolate(services["timescaledb"]["image"], env), _interpolate(services["redis"]["image"], env)) \
+        == expected
+    # Nothing else in the file is left to a variable without a default.
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert not re.findall(r"\$\{\w+\}", text)
+    assert set(re.findall(r"\$\{(\w+):-", text)) == {"TIMESCALEDB_IMAGE", "REDIS_IMAGE", "TP_POSTGRES_PORT",
+                                                     "TP_REDIS_PORT", "TP_METRICS_PORT"}
 
 
 def test_compose_processor(compose: dict) -> None:
@@ -443,6 +467,105 @@ def test_unit_sandbox_exposure_is_low(tmp_path: Path) -> None:
     assert float(match.group(1)) <= 2.0, result.stdout
 
 
+# --- systemd template unit: N instances on one host ----------------------------------------------
+
+TEMPLATE = ROOT / "deploy" / "telemetry-processor@.service"
+PROGRAM = "/opt/telemetry-processor/.venv/bin/telemetry-processor"
+
+
+def _template_exec_start() -> list[str]:
+    return one(unit_directives(TEMPLATE.read_text())["Service"], "ExecStart").split()
+
+
+def test_template_unit_is_the_unit_with_a_name_and_a_port_per_instance() -> None:
+    single, template = unit_directives(UNIT.read_text()), unit_directives(TEMPLATE.read_text())
+    # Only Description and ExecStart differ: the sandbox, restarts and stop timeout are the same.
+    strip = ("Description", "ExecStart")
+    assert {k: [d for d in v if d[0] not in strip] for k, v in template.items()} == \
+        {k: [d for d in v if d[0] not in strip] for k, v in single.items()}
+    assert "%i" in one(template["Unit"], "Description")
+    # EnvironmentFile= overrides Environment=, so the per-instance values go on the command line.
+    assert _template_exec_start() == ["/usr/bin/env", "CONSUMER_NAME=%H-%i", "METRICS_PORT=%i", PROGRAM, "run"]
+    assert not [v for k, v in template["Service"] if k == "Environment" and "CONSUMER_NAME" in v]
+
+
+def _template_copy(tmp_path: Path, extra: str = "") -> Path:
+    """The template in ``tmp_path`` with its program replaced by one that exists here; the instance's path."""
+    true = shutil.which("true")
+    assert true
+    text = TEMPLATE.read_text()
+    assert PROGRAM in text
+    (tmp_path / TEMPLATE.name).write_text(text.replace(PROGRAM, true) + extra)
+    return tmp_path / "telemetry-processor@9464.service"
+
+
+@needs_systemd_analyze
+def test_template_instance_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    # An instance's path loads the template beside it, specifiers included.
+    result = _verify(_template_copy(tmp_path))
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    broken = _verify(_template_copy(tmp_path, "\n[Service]\nRestart=sometimes\n"))
+    assert "restart specifier" in broken.stderr
+
+
+def _as_systemd_runs(instance: str, shared_env: dict[str, str]) -> subprocess.Popen[str]:
+    """The template's ExecStart for ``instance``, specifiers expanded as systemd does (%H the host
+    name, %i the instance), the shared EnvironmentFile's values in the environment, and the
+    program replaced by this checkout's."""
+    argv = [part.replace("%H", socket.gethostname()).replace("%i", instance) for part in _template_exec_start()]
+    assert argv[-2:] == [PROGRAM, "run"]
+    argv[-2:] = [sys.executable, str(ROOT / "processor.py"), "run"]
+    return subprocess.Popen(argv, env=shared_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+@pytest.mark.backends("plain")  # the unit, not the database
+def test_two_template_instances_share_the_group_with_their_own_names_and_ports(service_env, redis_client, pg_url,
+                                                                               keys) -> None:
+    from tests.helpers import free_port, payload, pending_count, publish, row_count, wait_until
+
+    ports = [free_port() for _ in range(2)]
+    # The shared file may name a CONSUMER_NAME and a METRICS_PORT: the instance's own win.
+    shared = dict(service_env, CONSUMER_NAME="shared-name", METRICS_PORT="1", METRICS_HOST="127.0.0.1",
+                  LOG_FORMAT="text")
+    procs = [_as_systemd_runs(str(port), shared) for port in ports]
+    try:
+        wait_until(lambda: all(_ready(port) for port in ports), 30, 0.1, "both instances ready")
+        publish(redis_client, keys["stream"], [payload(f"dev{i % 50}", 1_700_000_000_000 + i * 1000)
+                                               for i in range(2000)])
+        wait_until(lambda: row_count(pg_url) == 2000 and
+                   pending_count(redis_client, keys["stream"], keys["group"]) == 0, 60, 0.1, "2,000 rows")
+        consumers = {c["name"].decode() for c in redis_client.xinfo_consumers(keys["stream"], keys["group"])}
+    finally:
+        for proc in procs:
+            proc.terminate()
+        outputs = [proc.communicate(timeout=30)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    host = socket.gethostname()
+    assert consumers == {f"{host}-{port}" for port in ports}
+    for port, output in zip(ports, outputs):
+        assert f"consumer {host}-{port}" in output, output[-2000:]
+
+
+def test_a_template_instance_that_is_not_a_port_exits_2_in_one_line(service_env) -> None:
+    proc = _as_systemd_runs("blue", dict(service_env, LOG_FORMAT="text"))
+    output = proc.communicate(timeout=30)[0]
+    from processor.cli import EXIT_CONFIG
+
+    assert proc.returncode == EXIT_CONFIG  # RestartPreventExitStatus: not restarted in a loop
+    assert output.strip().splitlines() == ["telemetry-processor: METRICS_PORT must be an integer from 0 to 65535 "
+                                           "(0 disables the server), got 'blue'"]
+
+
+def _ready(port: int) -> bool:
+    from tests.helpers import http_get
+
+    try:
+        return http_get(f"http://127.0.0.1:{port}/readyz", timeout=2)[0] == 200
+    except OSError:  # not listening yet
+        return False
+
+
 # --- cron ------------------------------------------------------------------------------------------
 
 CRON = ROOT / "deploy" / "replay.cron"
@@ -567,6 +690,7 @@ def test_build_makes_an_sdist_and_a_wheel_with_the_schema(dist: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.backends("plain")  # packaging; migrate on a hypertable: test_timescaledb.py
 def test_installed_wheel_runs_version_and_migrate(dist: Path, tmp_path: Path, empty_pg_url: str) -> None:
     """A fresh venv, the wheel from PyPI's dependencies, run from a directory that holds no source."""
     (wheel,) = dist.glob("*.whl")

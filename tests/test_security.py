@@ -35,6 +35,7 @@ from processor.core.types import INVALID_JSON, Position, Rejection, TOO_LARGE
 from processor.core.writer import COPY_THRESHOLD
 from tests.helpers import (BASE_MS, ServiceProcess, dead_letters, free_port, http_get, metric_value, payload,
                            pending_count, publish, row_count, wait_until)
+from tests.servers import assert_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 PW = "Sup3r-Secr3t-pw"
@@ -391,11 +392,15 @@ def test_no_sql_text_is_built_from_runtime_values():
 
 # --- 4. least privilege ----------------------------------------------------------------------
 
-def _readme_least_privilege_sql() -> list[str]:
+def _readme_sql_block() -> str:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     match = re.search(r"\*\*Least privilege\.\*\*.*?```sql\n(.*?)```", text, re.S)
     assert match, "README.md has no SQL block under **Least privilege.**"
-    lines = [line for line in match.group(1).splitlines() if not line.strip().startswith("--")]
+    return match.group(1)
+
+
+def _readme_least_privilege_sql() -> list[str]:
+    lines = [line for line in _readme_sql_block().splitlines() if not line.strip().startswith("--")]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
@@ -411,6 +416,11 @@ def _readme_roles(throwaway_postgres_factory, redis_url: str, keys: dict[str, st
     pg = throwaway_postgres_factory(password="admin-pw", schema=False)
     urls = {role: f"postgresql://{role}:{pw}@127.0.0.1:{pg.port}/postgres" for role, pw in passwords.items()}
     base = _env(redis_url, urls[owner], keys)
+    if pg.preloads_timescaledb:  # the README's step 0, given in a comment since it is for TimescaleDB only
+        step0 = re.search(r"^-- 0\. on TimescaleDB only.*\n--\s+(CREATE EXTENSION [^;]+);", _readme_sql_block(),
+                          re.MULTILINE)
+        assert step0, "README.md's least-privilege block has no step 0 for TimescaleDB"
+        _execute(pg.url, step0.group(1))
     # The README's statements in its order; "run migrate as the owner" comes when the table is first needed.
     migrated = False
     for statement in statements:
@@ -421,6 +431,7 @@ def _readme_roles(throwaway_postgres_factory, redis_url: str, keys: dict[str, st
         _execute(pg.url, statement)
     assert migrated
     assert _execute(pg.url, "SELECT tableowner FROM pg_tables WHERE tablename = 'positions'") == [(owner,)]
+    assert_backend(pg.url, "timescaledb" if pg.preloads_timescaledb else "plain")
     return pg, urls, writer, base
 
 

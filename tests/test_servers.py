@@ -21,7 +21,9 @@ from processor.devservers import (
     free_port,
     postgres_answers,
     redis_answers,
+    timescaledb_installed,
 )
+from tests.helpers import ROOT, wait_until
 
 # redis-py retries failed connections with backoff by default: a refusal should be quick.
 NO_RETRY = Retry(NoBackoff(), 0)
@@ -220,39 +222,119 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_cli_starts_a_throwaway_redis_when_nothing_answers(tmp_path: Path, pg_admin_url: str) -> None:
+# The child of the wrapper: prints what it was given and whether both servers answer.
+PROBE_CHILD = textwrap.dedent("""
+    import os, psycopg2, redis, sys
+    redis_url, pg_url = os.environ["REDIS_URL"], os.environ["POSTGRES_URL"]
+    try:
+        redis_ok = redis.Redis.from_url(redis_url, socket_connect_timeout=2).ping()
+    except redis.ConnectionError:
+        redis_ok = False
+    psycopg2.connect(pg_url, connect_timeout=5).close()
+    print("child", redis_url, redis_ok, pg_url)
+    sys.exit(3)
+""")
+
+
+def _devserver_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("devservers:")]
+
+
+def _in_own_network(argv: list[str]) -> list[str]:
+    """``argv`` in a network namespace of its own: nothing answers on the default URLs there."""
+    probe = subprocess.run(["unshare", "--net", "sh", "-c", "ip link set lo up"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        message = f"cannot make a network namespace (unshare --net, as root): {probe.stderr.strip()}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *argv]
+
+
+def test_cli_starts_throwaways_where_no_url_was_set_and_nothing_answers(tmp_path: Path) -> None:
+    # The first hour: nothing set, no server running. Both servers are started, the command gets them.
+    argv = _in_own_network([sys.executable, "-m", "processor.devservers", "--", sys.executable, "-c", PROBE_CHILD])
+    proc = subprocess.run(argv, env=_clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    lines = _devserver_lines(proc.stderr)
+    assert len(lines) == 2, proc.stderr
+    assert lines[0].startswith("devservers: nothing answers on redis://localhost:6379/0; "
+                               "started a throwaway Redis on redis://127.0.0.1:")
+    what = "PostgreSQL with TimescaleDB" if timescaledb_installed() else "PostgreSQL"
+    assert lines[1].startswith("devservers: nothing answers on postgresql://postgres@localhost:5432/postgres; "
+                               f"started a throwaway {what} on postgresql://postgres@127.0.0.1:")
+    redis_url, pg_url = lines[0].rsplit(" ", 1)[1], lines[1].rsplit(" ", 1)[1]
+    assert proc.stdout.strip() == f"child {redis_url} True {pg_url}"
+
+
+@pytest.mark.parametrize("where", ["the environment", ".env"])
+def test_cli_starts_no_throwaway_for_a_url_the_user_set(tmp_path: Path, where: str) -> None:
+    # A mistyped port of one's own: the command gets that URL and fails on it, as `run` would.
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    child = textwrap.dedent("""
-        import os, sys, redis
-        url = os.environ["REDIS_URL"]
-        print("child", url, redis.Redis.from_url(url).ping(), os.environ["POSTGRES_URL"] == sys.argv[1])
-        sys.exit(3)
-    """)
-    proc = _devservers(["--", sys.executable, "-c", child, pg_admin_url],
+    env = _clean_env()
+    if where == ".env":
+        (tmp_path / ".env").write_text(f"REDIS_URL={dead}\n")
+    else:
+        env["REDIS_URL"] = dead
+    proc = _devservers(["--", sys.executable, "-c", PROBE_CHILD], env, tmp_path)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    assert _devserver_lines(err) == [f"devservers: nothing answers on {dead}, the URL set in {where}; starting no "
+                                     "throwaway Redis in its place (unset it, or use make demo, to get one)"]
+    assert out.strip() == f"child {dead} False postgresql://postgres@localhost:5432/postgres"
+
+
+@pytest.mark.backends("plain")
+def test_make_run_with_a_mistyped_redis_url_retries_it_like_run(tmp_path: Path, service_env: dict[str, str]) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    env = dict(service_env, REDIS_URL=dead, LOG_FORMAT="text")
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "processor.devservers", "--", sys.executable,
+                                 str(ROOT / "processor.py"), "run"], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_until(lambda: "connect to Redis failed (attempt 2)" in log.read_text(), 30, 0.1, "two failed attempts")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert f"nothing answers on {dead}, the URL set in the environment" in text
+    assert "started a throwaway" not in text and "processor ready" not in text
+
+
+@pytest.mark.backends("plain")
+def test_cli_demo_starts_a_throwaway_even_for_a_url_the_user_set(tmp_path: Path, pg_admin_url: str) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    proc = _devservers(["--demo", "--", sys.executable, "-c", PROBE_CHILD],
                        _clean_env(REDIS_URL=dead, POSTGRES_URL=pg_admin_url), tmp_path)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 3, err
-    started = [line for line in err.splitlines() if line.startswith("devservers:")]
+    started = _devserver_lines(err)
     assert len(started) == 1, err
     prefix = f"devservers: nothing answers on {dead}; started a throwaway Redis on redis://"
     assert started[0].startswith(prefix)
     url = started[0].rsplit(" ", 1)[1]
-    assert out.strip() == f"child {url} True True"
+    assert out.strip() == f"child {url} True {pg_admin_url}"
     assert not redis_answers(url)  # removed when the command exited
 
 
 def test_cli_fails_in_one_line_when_nothing_answers_and_nothing_is_installed(tmp_path: Path) -> None:
-    dead = f"redis://127.0.0.1:{free_port()}/0"
-    env = _clean_env(REDIS_URL=dead, PATH=str(tmp_path))
-    proc = _devservers(["--", sys.executable, "-c", "print('ran')"], env, tmp_path)
-    out, err = proc.communicate(timeout=60)
+    # No URL set, nothing answers, and no redis-server on PATH.
+    argv = _in_own_network(["env", f"PATH={tmp_path}", sys.executable, "-m", "processor.devservers", "--",
+                            sys.executable, "-c", "print('ran')"])
+    proc = subprocess.run(argv, env=_clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
-    assert out == ""
-    expected = (f"devservers: nothing answers on {dead} and no Redis server is installed; "
+    assert proc.stdout == ""
+    expected = ("devservers: nothing answers on redis://localhost:6379/0 and no Redis server is installed; "
                 "start Redis or set the URL in the environment or .env")
-    assert err.splitlines() == [expected]
+    assert proc.stderr.splitlines() == [expected]
 
 
+@pytest.mark.backends("plain")
 def test_cli_forwards_sigterm_once_and_returns_the_exit_status(tmp_path: Path, redis_url: str,
                                                                pg_admin_url: str) -> None:
     child = textwrap.dedent("""

@@ -8,9 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.helpers import ROOT, ServiceProcess, pending_count, row_count, wait_until
 
 
+@pytest.mark.backends("plain")  # connection retries: no table involved
 def test_postgres_unreachable_at_start_retries_with_growing_delays_then_gets_ready(
         throwaway_postgres_factory, service_env):
     server = throwaway_postgres_factory(schema=False)

@@ -55,6 +55,7 @@ def unpreloaded_postgres(throwaway_postgres_factory):
     return server
 
 
+@pytest.mark.backends("plain")  # the server must not preload TimescaleDB
 def test_timescaledb_not_preloaded_gives_a_plain_table_one_warning_and_a_working_service(
         fault_env, redis_client, unpreloaded_postgres, keys):
     pg = unpreloaded_postgres
@@ -77,6 +78,7 @@ def test_timescaledb_not_preloaded_gives_a_plain_table_one_warning_and_a_working
     assert assert_nothing_lost(redis_client, pg.url, keys, published).rows == 500
 
 
+@pytest.mark.backends("plain")  # the server must not preload TimescaleDB
 def test_psql_bootstrap_on_an_unpreloaded_server_exits_0_twice_with_the_warning(unpreloaded_postgres):
     for _ in range(2):
         result = subprocess.run(["psql", "-X", "-v", "ON_ERROR_STOP=1", "-f", str(ROOT / "schema.sql"),
