@@ -23,6 +23,9 @@ from tests.proxy import TcpProxy
 TIMEOUT_S = 3.0
 MARGIN_S = 2.0
 
+# A silent server and the stop sequence: the kind of table behind it changes nothing.
+pytestmark = pytest.mark.backends("plain")
+
 
 @pytest.fixture
 def silent_postgres(throwaway_postgres):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import redis
 
 from processor.core.consumer import StreamConsumer, redis_client as make_client
@@ -21,6 +22,10 @@ from tests.faults.conftest import (assert_nothing_lost, fleet_entries, log_entri
 from tests.helpers import ROOT, ServiceProcess, free_port, http_get, pending_count, row_count, wait_until
 
 FILLER = "filler"
+
+# Redis refusing, replay's gate and redrive: what is tried here does not depend on the kind of table
+# (the hypertable's own writes are covered by test_refusals.py on both backends).
+pytestmark = pytest.mark.backends("plain")
 
 
 def _oom(client: redis.Redis) -> None:
