@@ -50,3 +50,30 @@ def test_simulate_count_1_gives_one_row_within_a_second(service_env, redis_clien
         wait_until(lambda: pending_count(redis_client, keys["stream"], keys["group"]) == 0, 5)
         proc.signal(signal.SIGTERM)
         assert proc.wait(15) == 0
+
+
+@pytest.mark.backends("plain")  # connection retries: no table involved
+@pytest.mark.parametrize("server", ["redis", "postgres"])
+def test_start_up_failures_are_counted_and_shown_on_readyz(service_env, server):
+    """While the service cannot get started, /readyz says why (not "no Redis read yet") and each failed
+    attempt is counted in the server's error counter."""
+    from tests.helpers import free_port, http_get, metric_value
+
+    port = free_port()
+    env = dict(service_env, METRICS_HOST="127.0.0.1", METRICS_PORT=str(port))
+    if server == "redis":
+        env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+        attempt = "connect to Redis failed"
+    else:
+        env["POSTGRES_URL"] = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+        attempt = "connect to PostgreSQL failed"
+    with ServiceProcess(env) as proc:
+        wait_until(lambda: sum(attempt in m for m in proc.messages()) >= 3, 30, message="three failed attempts")
+        status, why = http_get(f"http://127.0.0.1:{port}/readyz")
+        _, text = http_get(f"http://127.0.0.1:{port}/metrics")
+        failures = sum(attempt in m for m in proc.messages())
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    counted = metric_value(text, f"processor_{server}_errors_total")
+    assert status == 503 and f"{server}: " in why and "refused" in why.lower(), why
+    assert counted is not None and failures - 1 <= counted <= failures + 1, (counted, failures)
