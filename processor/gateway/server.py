@@ -208,6 +208,7 @@ class Gateway:
                              [("Content-Security-Policy", self._csp), ("Cache-Control", "no-cache"),
                               ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")])
         if path == "/metrics":
+            self.metrics.ready.set(1 if self.health.ready()[0] else 0)
             return _response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
         if path == "/healthz":
             ok, why = self.health.alive()
