@@ -1,10 +1,10 @@
-# make run | make test | make demo | make bench | make lint | make build
+# make run | make gateway | make test | make demo | make bench | make lint | make build
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test faults demo bench lint build clean
+.PHONY: venv run gateway test faults demo bench lint build clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 run: venv
 	$(PY) -m processor.devservers -- $(PY) processor.py run
 
+# The live gateway (docs/gateway.md), beside `make run`: GATEWAY_TOKEN_SECRET (or GATEWAY_PUBLIC=true) in .env.
+gateway: venv
+	$(PY) -m processor.devservers -- $(PY) processor.py gateway
+
 # The test command (README, .ci/run): the whole suite, fault scenarios included.
 test: venv
 	$(PY) -m pytest
@@ -26,6 +30,7 @@ test: venv
 faults: venv
 	$(PY) -m pytest -m faults
 
+# The processor, the simulator and the live gateway together; prints the live map's URL.
 demo: venv
 	$(PY) -m processor.devservers --demo -- $(PY) processor.py run
 

@@ -1,0 +1,75 @@
+"""The gateway's in-memory pieces on their own: forward-only latest positions, groups, a slow client's merge."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+from prometheus_client import CollectorRegistry
+
+from processor.core.types import Position
+from processor.gateway.clients import Client, Merged
+from processor.gateway.latest import LatestPositions, iso_ms, to_fix
+from processor.gateway.metrics import GatewayMetrics
+from processor.gateway.subscriptions import Filter, Registry
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
+
+
+def fix(device: str, seconds: float = 0, lat: float = 0.0, lon: float = 0.0):
+    return to_fix(Position(device, T0 + timedelta(seconds=seconds), lat, lon), 1_000)
+
+
+def test_iso_ms_truncates_to_milliseconds():
+    assert iso_ms(T0) == "2026-01-02T03:04:05.678Z"
+
+
+def test_latest_is_forward_only_bounded_and_coalesces():
+    latest = LatestPositions(max_devices=2)
+    applied = latest.apply([fix("a", 1), fix("a", 2), fix("a", 0), fix("b", 1), fix("b", 1)])
+    assert applied == (3, 2, 1)  # accepted a@1, a@2, b@1; stale a@0, b@1 again; a@1 coalesced into a@2
+    changed = latest.take_changed()
+    assert {d: f.ts for d, f in changed.items()} == {"a": T0 + timedelta(seconds=2), "b": T0 + timedelta(seconds=1)}
+    assert latest.take_changed() == {}
+    latest.apply([fix("c", 1)])  # evicts the least recently seen: "a"
+    assert (latest.get("a"), len(latest), latest.evicted) == (None, 2, 1)
+
+
+def test_registry_groups_by_uid_and_filter_and_indexes_devices():
+    reg = Registry()
+    members = [object() for _ in range(4)]
+    g_all = reg.join(members[0], "map", Filter())
+    assert reg.join(members[1], "map", Filter()) is g_all
+    g_dev = reg.join(members[2], "map", Filter.build(frozenset({"a", "b"}), None, frozenset({"b", "z"})))
+    assert g_dev.filter.devices == frozenset({"b"})  # narrowed to the scope
+    g_box = reg.join(members[3], "map", Filter(None, (170.0, -10.0, -170.0, 10.0)))  # across the antimeridian
+    changed = {d.device_id: d for d in (fix("a"), fix("b"), fix("e", lon=175.0), fix("w", lon=-175.0))}
+    updates = {id(g): u for g, u in reg.updates(changed)}
+    assert sorted(f.device_id for f in updates[id(g_all)].fixes) == ["a", "b", "e", "w"]
+    assert [f.device_id for f in updates[id(g_dev)].fixes] == ["b"]
+    assert sorted(f.device_id for f in updates[id(g_box)].fixes) == ["e", "w"]
+    for m, g in zip(members, (g_all, g_all, g_dev, g_box)):
+        reg.leave(m, g)
+    assert reg.groups == {} and list(reg.updates(changed)) == []
+
+
+def test_a_slow_clients_pending_update_is_one_merge_per_subscription():
+    metrics = GatewayMetrics(registry=CollectorRegistry())
+    client = Client(conn=None, scope=None, metrics=metrics)
+    reg = Registry()
+    group = reg.join(client, "map", Filter())
+
+    async def offer_three() -> None:
+        for step in range(3):
+            (_, update), = reg.updates({d: fix(d, step) for d in ("a", "b")} if step < 2 else {"c": fix("c", 2)})
+            client.offer("map", update)
+
+    asyncio.run(offer_three())
+    assert list(client.pending) == ["map"]
+    pending = client.pending["map"]
+    assert isinstance(pending, Merged) and pending.event == "update"
+    assert {d: f.ts for d, f in pending.fixes.items()} == {
+        "a": T0 + timedelta(seconds=1), "b": T0 + timedelta(seconds=1), "c": T0 + timedelta(seconds=2)}
+    assert metrics.registry.get_sample_value("gateway_positions_coalesced_total", {"where": "slow_client"}) == 2
+    assert client.backlog_since is not None
+    assert group.members == {client}
