@@ -112,9 +112,12 @@ class Gateway:
         cfg, stop = self.config.core, self.stop_event
         client = redis_client(cfg.redis_url, block_ms=cfg.block_ms)
         self.redis = client
-        start_id = db.retry("connect to Redis", lambda: translate("PING", client.ping) and last_entry_id(
-            client, cfg.stream_key), stop=stop, tick=self.health.turned,
-            on_error=lambda exc: self._redis_failed(exc))
+        def first_contact() -> str:
+            translate("PING", client.ping)
+            return last_entry_id(client, cfg.stream_key)
+
+        start_id = db.retry("connect to Redis", first_contact, stop=stop, tick=self.health.turned,
+                            on_error=self._redis_failed)
         if start_id is None:
             return False
         self.health.redis_result(None)
@@ -122,7 +125,7 @@ class Gateway:
         t0 = time.perf_counter()
         fixes = db.retry("load the snapshot from PostgreSQL", lambda: load_snapshot(
             cfg.postgres_url, self.config.snapshot_hours), stop=stop, tick=self.health.turned,
-            on_error=lambda exc: self._postgres_failed(exc))
+            on_error=self._postgres_failed)
         if fixes is None:
             return False
         self.latest.apply(fixes, mark_changed=False)

@@ -51,7 +51,8 @@ def test_auth_ok_by_message_and_by_query(start_gateway):
 
 
 @pytest.mark.parametrize("bad, code, message", [
-    (mint("another-secret-of-the-same-length-000000", issuer=ISSUER), "INVALID_CREDENTIALS", "Invalid token signature."),
+    (mint("another-secret-of-the-same-length-0000", issuer=ISSUER), "INVALID_CREDENTIALS",
+     "Invalid token signature."),
     (mint(SECRET, issuer="someone-else"), "INVALID_CREDENTIALS", "Invalid token issuer."),
     (mint(SECRET, issuer=ISSUER, ttl_s=-60), "TOKEN_EXPIRED", "Token expired."),
     ("not.a.jwt", "INVALID_CREDENTIALS", "Invalid token."),

@@ -1,0 +1,412 @@
+"""The gateway's benchmark (issue 14): live positions to 1,000 WebSocket clients.
+
+    .venv/bin/python bench/gateway.py [--quick] [--out bench/gateway_results.json]
+
+A real gateway process (``processor.py gateway``) on a fresh database and stream; a publisher process
+adds 5,000 positions/s from 10,000 devices for 30 s (each position's timestamp is its publish time, so
+receipt time minus ``ts`` is the entry-id time to receipt, within a millisecond); client processes
+hold 1,000 WebSocket connections, authenticated with a token on the URL:
+
+1. ``all``: every client subscribed to everything (one distinct subscription: one encoding a flush);
+2. ``devices``: every client subscribed to 10 devices of its own (1,000 distinct subscriptions).
+
+Per phase: p50/p99 of receipt minus ``ts`` over the positions of a sample of clients (every 10th
+parses every position of every frame it gets; the others count positions), positions delivered per
+second (all clients), clients dropped, the gateway's CPU (user+system from /proc over the publishing
+window, in cores), its peak RSS (VmHWM) and its own ``gateway_entry_to_send_seconds`` p99.
+Clients and publisher run on the same machine as the gateway: on a small machine they compete with it.
+
+Uses REDIS_URL and POSTGRES_URL (a maintenance database where CREATE DATABASE is allowed).
+``bench/run.py`` runs it as its "gateway" section through :func:`section`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import calendar
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+SECRET = "bench-secret-0123456789abcdef0123456789"
+TARGETS = {"p99_ms": 250.0, "peak_rss_mb": 300.0, "cpu_cores": 1.0}
+
+
+@dataclass(frozen=True)
+class Scale:
+    rate: int = 5_000
+    devices: int = 10_000
+    seconds: float = 30.0
+    clients: int = 1_000
+    devices_per_client: int = 10
+    client_processes: int = 3
+    sample_every: int = 10
+
+
+FULL = Scale()
+QUICK = Scale(rate=500, devices=1_000, seconds=3.0, clients=50, client_processes=1, sample_every=5)
+
+
+def log(message: str) -> None:
+    print(f"[gateway bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _machine_busy_cores(seconds: float = 1.0) -> float:
+    """Cores busy (all processes) over ``seconds``: how noisy the shared machine is right now."""
+    def busy() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = values[3] + values[4]
+        return sum(values) - idle, sum(values)
+
+    b0, t0 = busy()
+    time.sleep(seconds)
+    b1, t1 = busy()
+    return round((b1 - b0) / max(1, t1 - t0) * os.cpu_count(), 2)
+
+
+# --- the publisher ------------------------------------------------------------------------------
+
+def publisher(redis_url: str, stream: str, scale: Scale, start_at: float, out: Any) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    tick = 0.05
+    per_tick = max(1, int(scale.rate * tick))
+    ids = [f"35630704{i:07d}" for i in range(scale.devices)]
+    n, device = 0, 0
+    while time.time() < start_at:
+        time.sleep(0.005)
+    end = start_at + scale.seconds
+    next_at = start_at
+    while time.time() < end:
+        pipe = client.pipeline(transaction=False)
+        now_ms = int(time.time() * 1000)
+        for _ in range(per_tick):
+            lat = 54.0 + (device % 100) / 100 + (n % 1000) / 1e6
+            lon = 25.0 + (device // 100) / 100
+            pipe.xadd(stream, {"payload": json.dumps({
+                "device_id": ids[device], "timestamp": now_ms, "latitude": lat, "longitude": lon,
+                "speed": 42.5, "angle": 90, "satellites": 9, "attributes": {"239": 1, "240": 1, "66": 12801}})})
+            device = (device + 1) % scale.devices
+            n += 1
+        pipe.execute()
+        next_at += tick
+        delay = next_at - time.time()
+        if delay > 0:
+            time.sleep(delay)
+    out.put({"published": n, "seconds": round(time.time() - start_at, 2)})
+
+
+# --- the clients --------------------------------------------------------------------------------
+
+_TS = re.compile(rb'"ts":"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z"')
+
+
+def _latencies_ms(frame: bytes, now_ms: float, cache: dict[bytes, int]) -> list[float]:
+    out = []
+    for second, ms in _TS.findall(frame):
+        base = cache.get(second)
+        if base is None:
+            base = cache[second] = calendar.timegm(time.strptime(second.decode(), "%Y-%m-%dT%H:%M:%S")) * 1000
+        out.append(now_ms - base - int(ms))
+    return out
+
+
+def client_process(url: str, subscriptions: list[dict[str, Any]], sampled: list[bool], measure_from: float,
+                   stop_at: float, subscribed: Any, out: Any) -> None:
+    from websockets.asyncio.client import connect
+
+    stats: dict[str, Any] = {"positions": 0, "frames": 0, "dropped": 0, "errors": [], "latencies": []}
+
+    async def one(sub: dict[str, Any], sample: bool) -> None:
+        cache: dict[bytes, int] = {}
+        try:
+            async with connect(url, compression=None, max_size=None, open_timeout=120, ping_interval=None,
+                               max_queue=64) as ws:
+                assert json.loads(await ws.recv())["status"] == "ok"
+                await ws.send(json.dumps({"type": "subscribe", **sub}))
+                await ws.recv()  # init
+                with subscribed.get_lock():
+                    subscribed.value += 1
+                while True:
+                    remaining = stop_at - time.time()
+                    if remaining <= 0:
+                        return
+                    try:
+                        frame = await asyncio.wait_for(ws.recv(decode=False), timeout=remaining)
+                    except TimeoutError:
+                        return
+                    now = time.time()
+                    if now < measure_from:
+                        continue
+                    stats["frames"] += 1
+                    stats["positions"] += frame.count(b'"device_id"')
+                    if sample:
+                        stats["latencies"].extend(_latencies_ms(frame, now * 1000, cache))
+        except Exception as exc:  # noqa: BLE001 - counted: a dropped client
+            stats["dropped"] += 1
+            if len(stats["errors"]) < 3:
+                stats["errors"].append(repr(exc)[:200])
+
+    async def main() -> None:
+        tasks = []
+        for i, (sub, sample) in enumerate(zip(subscriptions, sampled)):
+            tasks.append(asyncio.create_task(one(sub, sample)))
+            if i % 50 == 49:
+                await asyncio.sleep(0.05)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    out.put(stats)
+
+
+# --- one phase ----------------------------------------------------------------------------------
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))], 1)
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("gateway_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def _histogram_quantile(samples: dict[str, float], name: str, q: float) -> float | None:
+    buckets = sorted((float(k.split('le="')[1].split('"')[0]), v) for k, v in samples.items()
+                     if k.startswith(name + "_bucket{"))
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    for le, count in buckets:
+        if count >= rank:
+            return le
+    return None
+
+
+def run_phase(name: str, gateway: subprocess.Popen[bytes], port: int, redis_url: str, stream: str,
+              scale: Scale) -> dict[str, Any]:
+    from processor.gateway.auth import mint
+
+    url = f"ws://127.0.0.1:{port}/ws?access_token={mint(SECRET, ttl_s=3600)}"
+    if name == "all":
+        subs = [{"uid": "map"} for _ in range(scale.clients)]
+    else:
+        ids = [f"35630704{i:07d}" for i in range(scale.devices)]
+        k = scale.devices_per_client
+        subs = [{"uid": "mine", "devices": [ids[(c * k + j) % scale.devices] for j in range(k)]}
+                for c in range(scale.clients)]
+    sampled = [i % scale.sample_every == 0 for i in range(scale.clients)]
+    ctx = mp.get_context("spawn")
+    out, subscribed = ctx.Queue(), ctx.Value("i", 0)
+    connect_s = 5 + scale.clients / 40  # time for every client to connect and subscribe
+    start_at = time.time() + connect_s
+    stop_at = start_at + scale.seconds + 2.0
+    per = -(-scale.clients // scale.client_processes)
+    procs = [ctx.Process(target=client_process, args=(url, subs[i:i + per], sampled[i:i + per], start_at,
+                                                      stop_at, subscribed, out))
+             for i in range(0, scale.clients, per)]
+    for p in procs:
+        p.start()
+    pub = ctx.Process(target=publisher, args=(redis_url, stream, scale, start_at, out))
+    pub.start()
+    while time.time() < start_at - 0.2:
+        time.sleep(0.1)
+    connected = subscribed.value
+    before = _scrape(port)
+    cpu0, t0 = _cpu_s(gateway.pid), time.perf_counter()
+    pub.join(scale.seconds + 60)
+    cpu1, t1 = _cpu_s(gateway.pid), time.perf_counter()
+    results = [out.get(timeout=120) for _ in range(len(procs) + 1)]
+    for p in procs:
+        p.join(30)
+    after = _scrape(port)
+    published = next(r for r in results if "published" in r)
+    stats = [r for r in results if "positions" in r]
+    lat = [x for s in stats for x in s["latencies"]]
+    delivered = sum(s["positions"] for s in stats)
+    hist = {k: after.get(k, 0) - before.get(k, 0) for k in after if k.startswith("gateway_entry_to_send_seconds")}
+    return {
+        "phase": name, "clients": scale.clients, "subscribed_before_start": connected,
+        "distinct_subscriptions": after.get("gateway_subscription_groups"),
+        "published": published["published"], "publish_seconds": published["seconds"],
+        "published_per_s": round(published["published"] / published["seconds"]),
+        "p50_ms": _quantile(lat, 0.5), "p99_ms": _quantile(lat, 0.99), "max_ms": _quantile(lat, 1.0),
+        "latency_samples": len(lat),
+        "delivered_per_s": round(delivered / scale.seconds),
+        "expected_per_s": round(scale.rate * (scale.clients if name == "all"
+                                              else scale.devices_per_client * scale.clients / scale.devices)),
+        "dropped_clients": sum(s["dropped"] for s in stats),
+        "slow_clients_closed": after.get("gateway_slow_clients_closed_total", 0)
+        - before.get("gateway_slow_clients_closed_total", 0),
+        "drop_errors": [e for s in stats for e in s["errors"]][:3],
+        "gateway_cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 3),
+        "gateway_peak_rss_mb": round(_hwm_mb(gateway.pid), 1),
+        "gateway_metric_p99_s": _histogram_quantile(hist, "gateway_entry_to_send_seconds", 0.99),
+        "updates_encoded": after.get("gateway_updates_encoded_total", 0)
+        - before.get("gateway_updates_encoded_total", 0),
+    }
+
+
+# --- the whole run --------------------------------------------------------------------------------
+
+def _with_db(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path="/" + name))
+
+
+def _admin(url: str, sql: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        conn.cursor().execute(sql)
+    finally:
+        conn.close()
+
+
+def _start_gateway(redis_url: str, pg_url: str, stream: str, port: int, logfile: Any) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update({"REDIS_URL": redis_url, "POSTGRES_URL": pg_url, "STREAM_KEY": stream, "GATEWAY_PORT": str(port),
+                "GATEWAY_HOST": "127.0.0.1", "GATEWAY_TOKEN_SECRET": SECRET, "LOG_LEVEL": "warning",
+                "LOG_FORMAT": "text"})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "processor.py"), "gateway"], env=env, stdout=logfile,
+                            stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the gateway did not become ready")
+
+
+def run(redis_url: str, admin_url: str, *, quick: bool = False) -> dict[str, Any]:
+    import redis
+
+    from processor.core.db import schema_sql
+
+    scale = QUICK if quick else FULL
+    tag = uuid.uuid4().hex[:8]
+    db, stream = f"bench_gw_{tag}", f"bench:gw:{tag}"
+    _admin(admin_url, f'CREATE DATABASE "{db}"')
+    pg_url = _with_db(admin_url, db)
+    _admin(pg_url, schema_sql())
+    results: dict[str, Any] = {"scale": asdict(scale), "quick": quick, "targets": TARGETS,
+                               "machine_busy_cores_before": _machine_busy_cores(), "cores": os.cpu_count()}
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for phase in ("all", "devices"):
+            port = free_port()
+            with tempfile.NamedTemporaryFile("wb", prefix="gateway-bench-", suffix=".log", delete=False) as logf:
+                gateway = _start_gateway(redis_url, pg_url, stream, port, logf)
+                try:
+                    log(f"{phase}: {scale.clients} clients, {scale.rate}/s from {scale.devices} devices, "
+                        f"{scale.seconds:g} s")
+                    results[phase] = run_phase(phase, gateway, port, redis_url, stream, scale)
+                    log(f"{phase}: {_brief(results[phase])}")
+                finally:
+                    gateway.send_signal(signal.SIGTERM)
+                    results[phase]["gateway_exit"] = gateway.wait(30) if phase in results else None
+            client.delete(stream)
+    finally:
+        client.delete(stream)
+        client.close()
+        _admin(admin_url, f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    results["machine_busy_cores_after"] = _machine_busy_cores()
+    results["verdict"] = {phase: {
+        "p99_ms": results[phase]["p99_ms"] is not None and results[phase]["p99_ms"] <= TARGETS["p99_ms"],
+        "no_client_dropped": results[phase]["dropped_clients"] == 0,
+        "peak_rss_mb": results[phase]["gateway_peak_rss_mb"] <= TARGETS["peak_rss_mb"],
+        "cpu_cores": results[phase]["gateway_cpu_cores"] <= TARGETS["cpu_cores"],
+    } for phase in ("all", "devices")}
+    return results
+
+
+def _brief(r: dict[str, Any]) -> str:
+    return (f"p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms, delivered {r['delivered_per_s']:,}/s "
+            f"(of {r['expected_per_s']:,}/s), dropped {r['dropped_clients']}, gateway {r['gateway_cpu_cores']} cores "
+            f"{r['gateway_peak_rss_mb']} MB")
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["gateway: phase    clients  p50 ms  p99 ms  delivered/s  expected/s  dropped  CPU cores  peak RSS MB"]
+    for phase in ("all", "devices"):
+        r = results[phase]
+        lines.append(f"gateway: {phase:<8} {r['clients']:>7}  {r['p50_ms']!s:>6}  {r['p99_ms']!s:>6}  "
+                     f"{r['delivered_per_s']:>11,}  {r['expected_per_s']:>10,}  {r['dropped_clients']:>7}  "
+                     f"{r['gateway_cpu_cores']:>9}  {r['gateway_peak_rss_mb']:>11}")
+    lines.append(f"gateway: machine busy before/after: {results['machine_busy_cores_before']}/"
+                 f"{results['machine_busy_cores_after']} of {results['cores']} cores")
+    return "\n".join(lines)
+
+
+def section(redis_url: str, admin_url: str, quick: bool) -> dict[str, Any]:
+    """The "gateway" section of bench/run.py."""
+    results = run(redis_url, admin_url, quick=quick)
+    print(table(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="The gateway's benchmark (issue 14).")
+    parser.add_argument("--quick", action="store_true", help="50 clients, 500 positions/s for 3 s")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "gateway_results.json"))
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
+    parser.add_argument("--postgres-url", default=os.environ.get("POSTGRES_URL", DEFAULT_POSTGRES_URL))
+    args = parser.parse_args(argv)
+    results = run(args.redis_url, args.postgres_url, quick=args.quick)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    log(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
