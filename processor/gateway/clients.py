@@ -1,9 +1,10 @@
 """One connected client: its subscriptions, at most one pending message per subscription, and its sender.
 
 The flush loop *offers* each group's update to every member; it never waits on a client. A client
-whose previous message for that subscription is still unsent merges the new one into it (latest
-position per device wins), so what a client holds is bounded by the devices its subscriptions
-match, never by how slow it is. The client's sender task writes its pending messages one at a time;
+whose previous update for that subscription is still unsent replaces it with a catch-up marker: when
+it can send again, it gets what its group changed since (latest position per device), built from the
+group. So a client holds no positions at all, one small marker per subscription, however slow it is.
+The client's sender task writes its pending messages one at a time;
 ``backlog_since`` says since when it has had something unsent, and the server closes a client
 backlogged for GATEWAY_SLOW_CLIENT_S with 1013.
 """
@@ -18,30 +19,39 @@ from typing import Any, Callable
 from .latest import Fix
 from .metrics import GatewayMetrics
 from .protocol import subscription_frame
-from .subscriptions import Group, Update
+from .subscriptions import Filter, Group, Update
 
 log = logging.getLogger(__name__)
 
 
-class Merged:
-    """A pending message built from several: ``init`` (never sent yet) or updates a slow client missed."""
+class CatchUp:
+    """A pending message for a member that fell behind: whatever its group changed after generation ``since``."""
 
-    __slots__ = ("event", "fixes")
+    __slots__ = ("since",)
 
-    def __init__(self, event: str, fixes: dict[str, Fix]) -> None:
-        self.event = event
-        self.fixes = fixes
+    def __init__(self, since: int) -> None:
+        self.since = since
 
 
-Pending = Update | Merged
+class Init:
+    """A new subscription's init, built when it is sent (so it holds the latest positions of that moment)."""
+
+    __slots__ = ()
+
+
+INIT = Init()
+Pending = Update | CatchUp | Init
 
 
 class Client:
+    """``initial(filter)`` gives the latest position of each device a filter matches (for init messages)."""
+
     def __init__(self, conn: Any, *, scope: frozenset[str] | None, metrics: GatewayMetrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 initial: Callable[[Filter], list[Fix]], clock: Callable[[], float] = time.monotonic) -> None:
         self.conn = conn
         self.scope = scope
         self.metrics = metrics
+        self.initial = initial
         self.clock = clock
         self.subscriptions: dict[str, Group] = {}
         self.pending: dict[str, Pending] = {}
@@ -53,27 +63,23 @@ class Client:
     # --- called by the flush loop and the message handler (the event loop's thread) ---
 
     def offer(self, uid: str, update: Update) -> None:
-        """Queue ``update`` for subscription ``uid``, merging it into what is still unsent."""
+        """Queue ``update`` for subscription ``uid``; if one is still unsent, send what changed since instead."""
         if self.closing:
             return
         previous = self.pending.get(uid)
         if previous is None:
             self.pending[uid] = update
-        else:
-            merged = previous if isinstance(previous, Merged) else \
-                Merged("update", {f.device_id: f for f in previous.fixes})
-            before = len(merged.fixes)
-            for fix in update.fixes:
-                merged.fixes[fix.device_id] = fix
-            self.metrics.positions_coalesced.labels("slow_client").inc(before + len(update.fixes)
-                                                                      - len(merged.fixes))
-            self.pending[uid] = merged
+        elif isinstance(previous, Update):
+            # Held back: the next message is built from the group, from the generation before this one.
+            self.pending[uid] = CatchUp(previous.gen - 1)
+            self.metrics.positions_coalesced.labels("slow_client").inc(previous.count)
+        # A pending CatchUp or Init already covers this update.
         self._backlogged()
 
-    def send_init(self, uid: str, fixes: list[Fix]) -> None:
+    def send_init(self, uid: str) -> None:
         """Queue the init message of a new subscription (replacing anything pending for that uid)."""
         self.pending.pop(uid, None)
-        self.pending[uid] = Merged("init", {f.device_id: f for f in fixes})
+        self.pending[uid] = INIT
         self._backlogged()
 
     def drop(self, uid: str) -> None:
@@ -94,22 +100,26 @@ class Client:
             while self.pending and not self.closing:
                 uid = next(iter(self.pending))
                 item = self.pending.pop(uid)
-                await self._send(uid, item)
+                group = self.subscriptions.get(uid)
+                if group is not None:
+                    await self._send(uid, group, item)
             if not self.pending:
                 self.backlog_since = None
 
-    async def _send(self, uid: str, item: Pending) -> None:
+    async def _send(self, uid: str, group: Group, item: Pending) -> None:
         m = self.metrics
         if isinstance(item, Update):
-            frame, count, oldest = item.frame, len(item.fixes), item.oldest_entry_ms
-            event = "update"
+            frame, count, oldest, event = item.frame, item.count, item.oldest_entry_ms, "update"
         else:
-            fixes = item.fixes.values()
-            frame = subscription_frame(uid, item.event, [f.json for f in fixes])
-            count, event = len(item.fixes), item.event
-            oldest = min((f.entry_ms for f in fixes), default=0)
-            if event == "update":
+            if isinstance(item, Init):
+                event, fixes = "init", self.initial(group.filter)
+            else:
+                event, since = "update", group.since(item.since)
+                # Fell behind further than the group remembers: every matching device's latest position.
+                fixes = since if since is not None else self.initial(group.filter)
                 m.updates_encoded.inc()
+            frame = subscription_frame(uid, event, [f.json for f in fixes])
+            count, oldest = len(fixes), min((f.entry_ms for f in fixes), default=0)
         await self.conn.send(frame, text=True)
         m.updates_sent.inc()
         m.positions_sent.inc(count)

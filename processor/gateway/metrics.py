@@ -35,10 +35,10 @@ class GatewayMetrics:
                                       registry=r)
         self.bytes_sent = Counter(p + "bytes_sent", "Payload bytes of subscription messages sent", registry=r)
         self.updates_encoded = Counter(p + "updates_encoded", "Update messages encoded (once per group and flush, "
-                                       "or once per slow client's merged update)", registry=r)
-        self.positions_coalesced = Counter(p + "positions_coalesced", "Positions replaced by a newer one of the "
-                                           "same device before they were sent: at the flush, or in a slow "
-                                           "client's one pending update", ["where"], registry=r)
+                                       "or once per catch-up of a client that fell behind)", registry=r)
+        self.positions_coalesced = Counter(p + "positions_coalesced", "Positions superseded before they were "
+                                           "sent: by a newer one of the same device before the flush, or in a "
+                                           "held-back update replaced by a catch-up", ["where"], registry=r)
         self.slow_clients_closed = Counter(p + "slow_clients_closed", "Clients closed (1013) for not draining "
                                            "their updates for GATEWAY_SLOW_CLIENT_S", registry=r)
         self.connections_refused = Counter(p + "connections_refused", "Connections refused, by reason",

@@ -70,7 +70,9 @@ class Gateway:
         self.verifier = None if config.public else TokenVerifier(secret=config.token_secret,
                                                                  issuer=config.token_issuer)
         self.latest = LatestPositions(max_devices=config.core.device_state_max)
-        self.registry = Registry()
+        # A group remembers its changes for as many flushes as the slow-client limit spans (and some):
+        # a member further behind is closed anyway.
+        self.registry = Registry(keep_gens=int(config.slow_client_s * 1000 / config.flush_ms) + 10)
         self.clients: set[Client] = set()
         self.connections = 0
         self.accepting = False  # /ws answers 503 until the snapshot is in and the reader runs
@@ -247,7 +249,7 @@ class Gateway:
             claims = await self._authenticate(conn)
             if claims is None:
                 return
-            client = Client(conn, scope=self.visibility.scope(claims), metrics=self.metrics)
+            client = Client(conn, scope=self.visibility.scope(claims), metrics=self.metrics, initial=self._initial)
             self.clients.add(client)
             self._expire_at(client, claims)
             sender = asyncio.create_task(self._sender(client))
@@ -360,11 +362,11 @@ class Gateway:
             self._expire_at(client, claims)
 
     def _subscribe(self, client: Client, message: protocol.Subscribe) -> None:
-        # No await from joining the group to queuing the init: the next flush's changes merge into it.
+        # The init is built when it is sent: it holds the latest positions of that moment.
         self._unsubscribe(client, message.uid)
         flt = Filter.build(message.devices, message.bbox, client.scope)
         client.subscriptions[message.uid] = self.registry.join(client, message.uid, flt)
-        client.send_init(message.uid, self._initial(flt))
+        client.send_init(message.uid)
         self._count_subscriptions(+1)
 
     def _initial(self, flt: Filter) -> list[Fix]:

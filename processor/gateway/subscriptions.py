@@ -46,28 +46,63 @@ def in_bbox(bbox: tuple[float, float, float, float], lon: float, lat: float) -> 
 
 
 class Update(NamedTuple):
-    """One group's update of one flush, encoded once and shared by every member."""
+    """One group's update of one flush (generation ``gen``), encoded once and shared by every member."""
 
     frame: bytes
-    fixes: list[Fix]
+    count: int
     oldest_entry_ms: int
+    gen: int
 
 
 @dataclass(eq=False)
 class Group:
+    """One distinct subscription. ``changes`` keeps each device's latest fix and the generation (flush) it
+    came in, for the last ``keep_gens`` generations: a member that fell behind is sent what changed since the
+    generation it last got, built from here, so the member itself holds no positions at all."""
+
     uid: str
     filter: Filter
+    keep_gens: int = 1000
     members: set[Any] = field(default_factory=set)
+    gen: int = 0
+    changes: dict[str, tuple[int, Fix]] = field(default_factory=dict)
+    pruned_below: int = 0  # changes of generations below this were forgotten
 
     def update(self, fixes: list[Fix]) -> Update:
+        self.gen += 1
+        gen, changes = self.gen, self.changes
+        for f in fixes:
+            changes.pop(f.device_id, None)  # re-inserted last: the dict stays in generation order
+            changes[f.device_id] = (gen, f)
+        self._prune()
         frame = subscription_frame(self.uid, "update", [f.json for f in fixes])
-        return Update(frame, fixes, min(f.entry_ms for f in fixes))
+        return Update(frame, len(fixes), min(f.entry_ms for f in fixes), gen)
+
+    def since(self, gen: int) -> list[Fix] | None:
+        """Each device's latest fix changed after generation ``gen``; None if that is older than what is kept."""
+        if gen < self.pruned_below:
+            return None
+        out = [f for g, f in self.changes.values() if g > gen]
+        return out
+
+    def _prune(self) -> None:
+        horizon = self.gen - self.keep_gens
+        if horizon <= self.pruned_below:
+            return
+        changes = self.changes
+        while changes:
+            device = next(iter(changes))
+            if changes[device][0] > horizon:
+                break
+            del changes[device]
+        self.pruned_below = horizon
 
 
 class Registry:
     """Every group, and an index from device id to the groups that name it (the others see every change)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_gens: int = 1000) -> None:
+        self.keep_gens = keep_gens  # generations a group remembers (the slow-client limit in flushes, and some)
         self.groups: dict[tuple[str, Filter], Group] = {}
         self._by_device: dict[str, set[Group]] = {}
         self._unindexed: set[Group] = set()  # no device list: they look at every change
@@ -75,7 +110,7 @@ class Registry:
     def join(self, member: Any, uid: str, flt: Filter) -> Group:
         group = self.groups.get((uid, flt))
         if group is None:
-            group = self.groups[(uid, flt)] = Group(uid, flt)
+            group = self.groups[(uid, flt)] = Group(uid, flt, self.keep_gens)
             if flt.devices is None:
                 self._unindexed.add(group)
             else:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timedelta, timezone
 
 from prometheus_client import CollectorRegistry
 
 from processor.core.types import Position
-from processor.gateway.clients import Client, Merged
+from processor.gateway.clients import CatchUp, Client
 from processor.gateway.latest import LatestPositions, iso_ms, to_fix
 from processor.gateway.metrics import GatewayMetrics
 from processor.gateway.subscriptions import Filter, Registry
@@ -45,31 +44,32 @@ def test_registry_groups_by_uid_and_filter_and_indexes_devices():
     g_box = reg.join(members[3], "map", Filter(None, (170.0, -10.0, -170.0, 10.0)))  # across the antimeridian
     changed = {d.device_id: d for d in (fix("a"), fix("b"), fix("e", lon=175.0), fix("w", lon=-175.0))}
     updates = {id(g): u for g, u in reg.updates(changed)}
-    assert sorted(f.device_id for f in updates[id(g_all)].fixes) == ["a", "b", "e", "w"]
-    assert [f.device_id for f in updates[id(g_dev)].fixes] == ["b"]
-    assert sorted(f.device_id for f in updates[id(g_box)].fixes) == ["e", "w"]
+    assert {u.count for u in updates.values()} == {4, 1, 2}
+    assert sorted(f.device_id for f in g_all.since(0)) == ["a", "b", "e", "w"]
+    assert [f.device_id for f in g_dev.since(0)] == ["b"]
+    assert sorted(f.device_id for f in g_box.since(0)) == ["e", "w"]
     for m, g in zip(members, (g_all, g_all, g_dev, g_box)):
         reg.leave(m, g)
     assert reg.groups == {} and list(reg.updates(changed)) == []
 
 
-def test_a_slow_clients_pending_update_is_one_merge_per_subscription():
+def test_a_slow_client_holds_one_marker_per_subscription_and_catches_up_from_its_group():
     metrics = GatewayMetrics(registry=CollectorRegistry())
-    client = Client(conn=None, scope=None, metrics=metrics)
-    reg = Registry()
+    client = Client(conn=None, scope=None, metrics=metrics, initial=lambda flt: [])
+    reg = Registry(keep_gens=5)
     group = reg.join(client, "map", Filter())
-
-    async def offer_three() -> None:
-        for step in range(3):
-            (_, update), = reg.updates({d: fix(d, step) for d in ("a", "b")} if step < 2 else {"c": fix("c", 2)})
-            client.offer("map", update)
-
-    asyncio.run(offer_three())
-    assert list(client.pending) == ["map"]
+    client.subscriptions["map"] = group
+    for step in range(3):
+        (_, update), = reg.updates({d: fix(d, step) for d in ("a", "b")} if step < 2 else {"c": fix("c", 2)})
+        client.offer("map", update)
     pending = client.pending["map"]
-    assert isinstance(pending, Merged) and pending.event == "update"
-    assert {d: f.ts for d, f in pending.fixes.items()} == {
+    assert list(client.pending) == ["map"] and isinstance(pending, CatchUp) and pending.since == 0
+    assert {f.device_id: f.ts for f in group.since(pending.since)} == {
         "a": T0 + timedelta(seconds=1), "b": T0 + timedelta(seconds=1), "c": T0 + timedelta(seconds=2)}
+    assert [f.device_id for f in group.since(2)] == ["c"]
     assert metrics.registry.get_sample_value("gateway_positions_coalesced_total", {"where": "slow_client"}) == 2
     assert client.backlog_since is not None
-    assert group.members == {client}
+    for step in range(3, 10):  # the group forgets changes older than keep_gens flushes
+        reg.updates({"a": fix("a", step)}).__next__()
+    assert group.since(0) is None and [f.device_id for f in group.since(group.gen - 1)] == ["a"]
+    assert sorted(group.changes) == ["a"]
