@@ -72,7 +72,7 @@ class Client:
         elif isinstance(previous, Update):
             # Held back: the next message is built from the group, from the generation before this one.
             self.pending[uid] = CatchUp(previous.gen - 1)
-            self.metrics.positions_coalesced.labels("slow_client").inc(previous.count)
+            self.metrics.positions_coalesced.labels("slow_client").inc(previous.size)
         # A pending CatchUp or Init already covers this update.
         self._backlogged()
 
@@ -109,7 +109,7 @@ class Client:
     async def _send(self, uid: str, group: Group, item: Pending) -> None:
         m = self.metrics
         if isinstance(item, Update):
-            frame, count, oldest, event = item.frame, item.count, item.oldest_entry_ms, "update"
+            frame, count, oldest, event = item.frame, item.size, item.oldest_entry_ms, "update"
         else:
             if isinstance(item, Init):
                 event, fixes = "init", self.initial(group.filter)

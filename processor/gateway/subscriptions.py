@@ -49,7 +49,7 @@ class Update(NamedTuple):
     """One group's update of one flush (generation ``gen``), encoded once and shared by every member."""
 
     frame: bytes
-    count: int
+    size: int  # positions in it
     oldest_entry_ms: int
     gen: int
 

@@ -44,7 +44,7 @@ def test_registry_groups_by_uid_and_filter_and_indexes_devices():
     g_box = reg.join(members[3], "map", Filter(None, (170.0, -10.0, -170.0, 10.0)))  # across the antimeridian
     changed = {d.device_id: d for d in (fix("a"), fix("b"), fix("e", lon=175.0), fix("w", lon=-175.0))}
     updates = {id(g): u for g, u in reg.updates(changed)}
-    assert {u.count for u in updates.values()} == {4, 1, 2}
+    assert {u.size for u in updates.values()} == {4, 1, 2}
     assert sorted(f.device_id for f in g_all.since(0)) == ["a", "b", "e", "w"]
     assert [f.device_id for f in g_dev.since(0)] == ["b"]
     assert sorted(f.device_id for f in g_box.since(0)) == ["e", "w"]
