@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import calendar
+import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -49,6 +50,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 SECRET = "bench-secret-0123456789abcdef0123456789"
 TARGETS = {"p99_ms": 250.0, "peak_rss_mb": 300.0, "cpu_cores": 1.0}
+PHASES = ("all", "devices")
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,15 @@ class Scale:
     seconds: float = 30.0
     clients: int = 1_000
     devices_per_client: int = 10
-    client_processes: int = 3
-    sample_every: int = 10
+    client_processes: int = 2
+    # Clients that read every position's ts (latency) and count positions: every 50th in the "all" phase
+    # (each gets all 5,000 positions/s), every client in the "devices" phase (5,000 positions/s in all).
+    sample_every_all: int = 50
+    sample_every_devices: int = 1
 
 
 FULL = Scale()
-QUICK = Scale(rate=500, devices=1_000, seconds=3.0, clients=50, client_processes=1, sample_every=5)
+QUICK = Scale(rate=500, devices=1_000, seconds=3.0, clients=50, client_processes=1, sample_every_all=5)
 
 
 def log(message: str) -> None:
@@ -86,6 +91,17 @@ def _hwm_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _runqueue_wait_s(pid: int) -> float:
+    """Seconds the process's threads were runnable but waiting for a CPU (schedstat): CPU it wanted, not got."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e9
 
 
 def _machine_busy_cores(seconds: float = 1.0) -> float:
@@ -134,67 +150,224 @@ def publisher(redis_url: str, stream: str, scale: Scale, start_at: float, out: A
     out.put({"published": n, "seconds": round(time.time() - start_at, 2)})
 
 
-# --- the clients --------------------------------------------------------------------------------
+# --- the clients: a lean WebSocket harness ------------------------------------------------------
+#
+# 1,000 clients x ~10 updates/s x ~100 KB is ~1 GB/s of frames on the gateway's own 2 cores. Clients built on
+# websockets' client parse and queue every frame: three such processes wanted three cores and held 1.4 GB each,
+# so they, not the gateway, were measured. These clients are asyncio Protocols: the handshake, the auth reply
+# and the init are read whole; after that a frame is split by its header alone and its payload skipped without a
+# copy, except at the sampled clients, which keep each update and read every position's "ts" (latency) and
+# count its positions. Control frames are honoured: a ping gets its pong, a close counts as a drop.
 
-_TS = re.compile(rb'"ts":"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z"')
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_TS_KEY = b'"ts":"'
 
 
 def _latencies_ms(frame: bytes, now_ms: float, cache: dict[bytes, int]) -> list[float]:
+    """Receipt minus ``ts`` of every position in an update (``ts`` is ``YYYY-MM-DDTHH:MM:SS.mmmZ``)."""
     out = []
-    for second, ms in _TS.findall(frame):
+    find = frame.find
+    i = find(_TS_KEY)
+    while i >= 0:
+        second = frame[i + 6:i + 25]
         base = cache.get(second)
         if base is None:
             base = cache[second] = calendar.timegm(time.strptime(second.decode(), "%Y-%m-%dT%H:%M:%S")) * 1000
-        out.append(now_ms - base - int(ms))
+        out.append(now_ms - base - int(frame[i + 26:i + 29]))
+        i = find(_TS_KEY, i + 30)
     return out
 
 
-def client_process(url: str, subscriptions: list[dict[str, Any]], sampled: list[bool], measure_from: float,
-                   stop_at: float, subscribed: Any, out: Any) -> None:
-    from websockets.asyncio.client import connect
+def _client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client-to-server frame (RFC 6455 5.3: a client masks every frame)."""
+    n = len(payload)
+    mask = os.urandom(4)
+    length = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode]) + length + mask + masked
 
-    stats: dict[str, Any] = {"positions": 0, "frames": 0, "dropped": 0, "errors": [], "latencies": []}
 
-    async def one(sub: dict[str, Any], sample: bool) -> None:
-        cache: dict[bytes, int] = {}
-        try:
-            async with connect(url, compression=None, max_size=None, open_timeout=120, ping_interval=None,
-                               max_queue=64) as ws:
-                assert json.loads(await ws.recv())["status"] == "ok"
-                await ws.send(json.dumps({"type": "subscribe", **sub}))
-                await ws.recv()  # init
-                with subscribed.get_lock():
-                    subscribed.value += 1
-                while True:
-                    remaining = stop_at - time.time()
-                    if remaining <= 0:
-                        return
-                    try:
-                        frame = await asyncio.wait_for(ws.recv(decode=False), timeout=remaining)
-                    except TimeoutError:
-                        return
-                    now = time.time()
-                    if now < measure_from:
-                        continue
-                    stats["frames"] += 1
-                    stats["positions"] += frame.count(b'"device_id"')
-                    if sample:
-                        stats["latencies"].extend(_latencies_ms(frame, now * 1000, cache))
-        except Exception as exc:  # noqa: BLE001 - counted: a dropped client
-            stats["dropped"] += 1
-            if len(stats["errors"]) < 3:
-                stats["errors"].append(repr(exc)[:200])
+class Tally:
+    """What the clients of one process saw inside the measuring window."""
+
+    def __init__(self, measure_from: float, stop_at: float) -> None:
+        self.measure_from, self.stop_at = measure_from, stop_at
+        self.frames = self.bytes = self.sampled_bytes = self.sampled_positions = 0
+        self.dropped = 0
+        self.errors: list[str] = []
+        self.latencies: list[float] = []
+        self.per_client_bytes: list[int] = []
+
+    def drop(self, why: str) -> None:
+        self.dropped += 1
+        if len(self.errors) < 3:
+            self.errors.append(why[:200])
+
+
+class LeanClient(asyncio.Protocol):
+    """One WebSocket connection: handshake, auth reply, subscribe, init, then updates split by header only."""
+
+    def __init__(self, *, request: bytes, key: bytes, subscribe: bytes, sample: bool, tally: Tally,
+                 subscribed: Any) -> None:
+        self.request, self.subscribe, self.sample, self.tally, self.subscribed = request, subscribe, sample, tally, \
+            subscribed
+        self.accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+        self.transport: asyncio.Transport | None = None
+        self.stage = "handshake"  # then "auth", "init", "live"; "gone" after a close or the end
+        self.buf = bytearray()  # the handshake's reply, then a frame header being read
+        self.need = 0  # payload bytes of the current frame still to come
+        self.control: bytearray | None = None  # the payload of a control frame being read
+        self.control_op = 0
+        self.message: bytearray | None = None  # the data message being kept (not kept: None)
+        self.message_bytes = 0
+        self.fin = False
+        self.bytes = 0
+        self.cache: dict[bytes, int] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.stage != "gone" and time.time() < self.tally.stop_at:
+            self.tally.drop(f"connection lost in stage {self.stage}: {exc!r}")
+        self.stage = "gone"
+
+    def finish(self) -> None:
+        if self.stage == "live":
+            self.tally.per_client_bytes.append(self.bytes)
+        elif self.stage != "gone":
+            self.tally.drop(f"never subscribed (stage {self.stage})")
+        self.stage = "gone"
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.stage == "handshake":
+            self.buf += data
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, data = bytes(self.buf[:end]), bytes(self.buf[end + 4:])
+            self.buf.clear()
+            if not head.startswith(b"HTTP/1.1 101") or self.accept not in head:
+                self._fail(f"handshake refused: {head[:80]!r}")
+                return
+            self.stage = "auth"
+        i, n = 0, len(data)
+        while i < n and self.stage != "gone":
+            if self.need:
+                take = min(self.need, n - i)
+                if self.control is not None:
+                    self.control += data[i:i + take]
+                elif self.message is not None:
+                    self.message += data[i:i + take]
+                self.need -= take
+                i += take
+                if not self.need:
+                    self._frame_end()
+                continue
+            head = self.buf
+            head.append(data[i])
+            i += 1
+            if len(head) < 2:
+                continue
+            ln = head[1] & 0x7F
+            size = 2 if ln < 126 else 4 if ln == 126 else 10
+            if len(head) < size:
+                continue
+            self._frame_start(head[0], ln if ln < 126 else int.from_bytes(head[2:size], "big"))
+            head.clear()
+
+    def _frame_start(self, b0: int, length: int) -> None:
+        op = b0 & 0x0F
+        if op >= 8:
+            self.control, self.control_op = bytearray(), op
+        else:
+            self.fin = bool(b0 & 0x80)
+            if op:  # a new message (0: its continuation)
+                self.message_bytes = 0
+                self.message = bytearray() if self.sample or self.stage != "live" else None
+            self.message_bytes += length
+        self.need = length
+        if not length:
+            self._frame_end()
+
+    def _frame_end(self) -> None:
+        if self.control is not None:
+            payload, op, self.control = bytes(self.control), self.control_op, None
+            if op == 9:  # ping: the gateway closes a connection that does not answer
+                self.transport.write(_client_frame(10, payload))  # type: ignore[union-attr]
+            elif op == 8:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+                self._fail(f"closed by the gateway: {code} {payload[2:80]!r}")
+            return
+        if self.fin:
+            self._message_end(bytes(self.message) if self.message is not None else None)
+
+    def _message_end(self, message: bytes | None) -> None:
+        now = time.time()
+        if self.stage == "live":
+            t = self.tally
+            if t.measure_from <= now < t.stop_at:
+                t.frames += 1
+                t.bytes += self.message_bytes
+                self.bytes += self.message_bytes
+                if message is not None:
+                    lat = _latencies_ms(message, now * 1000, self.cache)
+                    t.latencies.extend(lat)
+                    t.sampled_positions += len(lat)
+                    t.sampled_bytes += self.message_bytes
+        elif self.stage == "auth":
+            if message is None or b'"status":"ok"' not in message:
+                self._fail(f"auth refused: {message!r:.100}")
+                return
+            self.transport.write(_client_frame(1, self.subscribe))  # type: ignore[union-attr]
+            self.stage = "init"
+        elif self.stage == "init" and message is not None and b'"event":"init"' in message:
+            self.stage = "live"
+            with self.subscribed.get_lock():
+                self.subscribed.value += 1
+
+    def _fail(self, why: str) -> None:
+        if self.stage != "gone":
+            self.tally.drop(why)
+        self.stage = "gone"
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def client_process(port: int, path: str, subscriptions: list[dict[str, Any]], sampled: list[bool],
+                   measure_from: float, stop_at: float, subscribed: Any, out: Any) -> None:
+    """Hold one lean connection per subscription until ``stop_at``; put this process's :class:`Tally` on ``out``."""
+    tally = Tally(measure_from, stop_at)
 
     async def main() -> None:
-        tasks = []
+        loop = asyncio.get_running_loop()
+        clients: list[LeanClient] = []
         for i, (sub, sample) in enumerate(zip(subscriptions, sampled)):
-            tasks.append(asyncio.create_task(one(sub, sample)))
+            key = base64.b64encode(os.urandom(16))
+            request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
+                       f"Sec-WebSocket-Version: 13\r\n\r\n").encode()
+            client = LeanClient(request=request, key=key, subscribe=json.dumps({"type": "subscribe", **sub}).encode(),
+                                sample=sample, tally=tally, subscribed=subscribed)
+            try:
+                await loop.create_connection(lambda c=client: c, "127.0.0.1", port)  # type: ignore[misc]
+            except OSError as exc:
+                tally.drop(f"connect: {exc!r}")
+                continue
+            clients.append(client)
             if i % 50 == 49:
                 await asyncio.sleep(0.05)
-        await asyncio.gather(*tasks)
+        await asyncio.sleep(max(0.0, stop_at - time.time()))
+        for client in clients:
+            client.finish()
 
     asyncio.run(main())
-    out.put(stats)
+    out.put({"frames": tally.frames, "bytes": tally.bytes, "sampled_bytes": tally.sampled_bytes,
+             "sampled_positions": tally.sampled_positions, "dropped": tally.dropped, "errors": tally.errors,
+             "latencies": tally.latencies, "per_client_bytes": tally.per_client_bytes})
 
 
 # --- one phase ----------------------------------------------------------------------------------
@@ -232,7 +405,7 @@ def run_phase(name: str, gateway: subprocess.Popen[bytes], port: int, redis_url:
               scale: Scale) -> dict[str, Any]:
     from processor.gateway.auth import mint
 
-    url = f"ws://127.0.0.1:{port}/ws?access_token={mint(SECRET, ttl_s=3600)}"
+    path = f"/ws?access_token={mint(SECRET, ttl_s=3600)}"
     if name == "all":
         subs = [{"uid": "map"} for _ in range(scale.clients)]
     else:
@@ -240,14 +413,15 @@ def run_phase(name: str, gateway: subprocess.Popen[bytes], port: int, redis_url:
         k = scale.devices_per_client
         subs = [{"uid": "mine", "devices": [ids[(c * k + j) % scale.devices] for j in range(k)]}
                 for c in range(scale.clients)]
-    sampled = [i % scale.sample_every == 0 for i in range(scale.clients)]
+    every = scale.sample_every_all if name == "all" else scale.sample_every_devices
+    sampled = [i % every == 0 for i in range(scale.clients)]
     ctx = mp.get_context("spawn")
     out, subscribed = ctx.Queue(), ctx.Value("i", 0)
     connect_s = 5 + scale.clients / 40  # time for every client to connect and subscribe
     start_at = time.time() + connect_s
     stop_at = start_at + scale.seconds + 2.0
     per = -(-scale.clients // scale.client_processes)
-    procs = [ctx.Process(target=client_process, args=(url, subs[i:i + per], sampled[i:i + per], start_at,
+    procs = [ctx.Process(target=client_process, args=(port, path, subs[i:i + per], sampled[i:i + per], start_at,
                                                       stop_at, subscribed, out))
              for i in range(0, scale.clients, per)]
     for p in procs:
@@ -258,17 +432,26 @@ def run_phase(name: str, gateway: subprocess.Popen[bytes], port: int, redis_url:
         time.sleep(0.1)
     connected = subscribed.value
     before = _scrape(port)
-    cpu0, t0 = _cpu_s(gateway.pid), time.perf_counter()
+    load_before = os.getloadavg()
+    cpu0, wait0, t0 = _cpu_s(gateway.pid), _runqueue_wait_s(gateway.pid), time.perf_counter()
+    clients_cpu0 = sum(_cpu_s(p.pid) for p in procs)
     pub.join(scale.seconds + 60)
-    cpu1, t1 = _cpu_s(gateway.pid), time.perf_counter()
+    cpu1, wait1, t1 = _cpu_s(gateway.pid), _runqueue_wait_s(gateway.pid), time.perf_counter()
+    clients_cpu1 = sum(_cpu_s(p.pid) for p in procs)
+    load_after = os.getloadavg()
     results = [out.get(timeout=120) for _ in range(len(procs) + 1)]
     for p in procs:
         p.join(30)
     after = _scrape(port)
     published = next(r for r in results if "published" in r)
-    stats = [r for r in results if "positions" in r]
+    stats = [r for r in results if "frames" in r]
     lat = [x for s in stats for x in s["latencies"]]
-    delivered = sum(s["positions"] for s in stats)
+    # Exact at the sampled clients; the others' payload bytes at the sampled clients' bytes per position.
+    sampled_positions = sum(s["sampled_positions"] for s in stats)
+    sampled_bytes = sum(s["sampled_bytes"] for s in stats)
+    total_bytes = sum(s["bytes"] for s in stats)
+    delivered = sampled_positions + (total_bytes - sampled_bytes) * sampled_positions / max(1, sampled_bytes)
+    per_client = sorted(b for s in stats for b in s["per_client_bytes"])
     hist = {k: after.get(k, 0) - before.get(k, 0) for k in after if k.startswith("gateway_entry_to_send_seconds")}
     return {
         "phase": name, "clients": scale.clients, "subscribed_before_start": connected,
@@ -278,6 +461,10 @@ def run_phase(name: str, gateway: subprocess.Popen[bytes], port: int, redis_url:
         "p50_ms": _quantile(lat, 0.5), "p99_ms": _quantile(lat, 0.99), "max_ms": _quantile(lat, 1.0),
         "latency_samples": len(lat),
         "delivered_per_s": round(delivered / scale.seconds),
+        "delivered_mb_per_s": round(total_bytes / scale.seconds / 1e6, 1),
+        "client_bytes_min_to_median": round(per_client[0] / max(1, per_client[len(per_client) // 2]), 3)
+        if per_client else None,
+        "sampled_clients": sum(sampled), "frames_received": sum(s["frames"] for s in stats),
         "expected_per_s": round(scale.rate * (scale.clients if name == "all"
                                               else scale.devices_per_client * scale.clients / scale.devices)),
         "dropped_clients": sum(s["dropped"] for s in stats),
@@ -285,6 +472,10 @@ def run_phase(name: str, gateway: subprocess.Popen[bytes], port: int, redis_url:
         - before.get("gateway_slow_clients_closed_total", 0),
         "drop_errors": [e for s in stats for e in s["errors"]][:3],
         "gateway_cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 3),
+        "gateway_runqueue_wait_cores": round((wait1 - wait0) / (t1 - t0), 3),
+        "clients_cpu_cores": round((clients_cpu1 - clients_cpu0) / (t1 - t0), 3),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
         "gateway_peak_rss_mb": round(_hwm_mb(gateway.pid), 1),
         "gateway_metric_p99_s": _histogram_quantile(hist, "gateway_entry_to_send_seconds", 0.99),
         "updates_encoded": after.get("gateway_updates_encoded_total", 0)
@@ -327,7 +518,8 @@ def _start_gateway(redis_url: str, pg_url: str, stream: str, port: int, logfile:
     raise RuntimeError("the gateway did not become ready")
 
 
-def run(redis_url: str, admin_url: str, *, quick: bool = False) -> dict[str, Any]:
+def run(redis_url: str, admin_url: str, *, quick: bool = False,
+        phases: tuple[str, ...] = PHASES) -> dict[str, Any]:
     import redis
 
     from processor.core.db import schema_sql
@@ -342,7 +534,7 @@ def run(redis_url: str, admin_url: str, *, quick: bool = False) -> dict[str, Any
                                "machine_busy_cores_before": _machine_busy_cores(), "cores": os.cpu_count()}
     client = redis.Redis.from_url(redis_url)
     try:
-        for phase in ("all", "devices"):
+        for phase in phases:
             port = free_port()
             with tempfile.NamedTemporaryFile("wb", prefix="gateway-bench-", suffix=".log", delete=False) as logf:
                 gateway = _start_gateway(redis_url, pg_url, stream, port, logf)
@@ -365,7 +557,7 @@ def run(redis_url: str, admin_url: str, *, quick: bool = False) -> dict[str, Any
         "no_client_dropped": results[phase]["dropped_clients"] == 0,
         "peak_rss_mb": results[phase]["gateway_peak_rss_mb"] <= TARGETS["peak_rss_mb"],
         "cpu_cores": results[phase]["gateway_cpu_cores"] <= TARGETS["cpu_cores"],
-    } for phase in ("all", "devices")}
+    } for phase in phases}
     return results
 
 
@@ -377,7 +569,7 @@ def _brief(r: dict[str, Any]) -> str:
 
 def table(results: dict[str, Any]) -> str:
     lines = ["gateway: phase    clients  p50 ms  p99 ms  delivered/s  expected/s  dropped  CPU cores  peak RSS MB"]
-    for phase in ("all", "devices"):
+    for phase in (p for p in PHASES if p in results):
         r = results[phase]
         lines.append(f"gateway: {phase:<8} {r['clients']:>7}  {r['p50_ms']!s:>6}  {r['p99_ms']!s:>6}  "
                      f"{r['delivered_per_s']:>11,}  {r['expected_per_s']:>10,}  {r['dropped_clients']:>7}  "
@@ -397,11 +589,13 @@ def section(redis_url: str, admin_url: str, quick: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The gateway's benchmark (issue 14).")
     parser.add_argument("--quick", action="store_true", help="50 clients, 500 positions/s for 3 s")
+    parser.add_argument("--phase", choices=PHASES, action="append",
+                        help="run only this phase (repeatable; default: both)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "gateway_results.json"))
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
     parser.add_argument("--postgres-url", default=os.environ.get("POSTGRES_URL", DEFAULT_POSTGRES_URL))
     args = parser.parse_args(argv)
-    results = run(args.redis_url, args.postgres_url, quick=args.quick)
+    results = run(args.redis_url, args.postgres_url, quick=args.quick, phases=tuple(args.phase or PHASES))
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     log(f"results written to {args.out}")
