@@ -1,12 +1,21 @@
-"""One connected client: its subscriptions, at most one pending message per subscription, and its sender.
+"""One connected client: its subscriptions, at most one pending message per subscription, and its writer.
 
-The flush loop *offers* each group's update to every member; it never waits on a client. A client
-whose previous update for that subscription is still unsent replaces it with a catch-up marker: when
-it can send again, it gets what its group changed since (latest position per device), built from the
-group. So a client holds no positions at all, one small marker per subscription, however slow it is.
-The client's sender task writes its pending messages one at a time;
-``backlog_since`` says since when it has had something unsent, and the server closes a client
-backlogged for GATEWAY_SLOW_CLIENT_S with 1013.
+Every message a client gets is an :class:`~processor.gateway.subscriptions.Update` of one of its groups,
+encoded once and shared with the group's other members: the client only writes its frames.
+
+- The flush loop *offers* each group's update to every member and never waits on one. A member with nothing
+  unsent and an empty write buffer gets it written at once, in the flush, as far as its socket takes it
+  (:meth:`Client.offer`): no task switch, no copy. The rest of it, and everything else, is written by the
+  client's writer task, one fragment at a time under websockets' flow control.
+- A member whose previous update for that subscription is still unsent replaces it with a catch-up marker:
+  when it can write again, it gets what its group changed since (latest position per device), encoded by the
+  group once for all the members asking the same (:meth:`~processor.gateway.subscriptions.Group.catch_up`).
+  So a client holds no positions of its own, one small marker per subscription, and at most one fragment
+  (64 KiB) beyond websockets' 32 KiB write limit in its buffer, however slow it is.
+- Replies to the client's own messages (errors, pong, auth) go through the same writer, between messages:
+  data frames of two messages never interleave.
+- ``backlog_since`` says since when it has had something unsent; the server closes a client backlogged for
+  GATEWAY_SLOW_CLIENT_S with 1013.
 """
 
 from __future__ import annotations
@@ -14,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Any, Callable
 
+from . import frames
 from .latest import Fix
 from .metrics import GatewayMetrics
-from .protocol import subscription_frame
 from .subscriptions import Filter, Group, Update
 
 log = logging.getLogger(__name__)
@@ -34,7 +44,7 @@ class CatchUp:
 
 
 class Init:
-    """A new subscription's init, built when it is sent (so it holds the latest positions of that moment)."""
+    """A new subscription's init, encoded when it is written (so it holds the latest positions of that moment)."""
 
     __slots__ = ()
 
@@ -43,8 +53,31 @@ INIT = Init()
 Pending = Update | CatchUp | Init
 
 
+class Writing:
+    """The message being written: its frames and how many are written; ``done`` is a reply's waiter."""
+
+    __slots__ = ("message", "uid", "next", "done")
+
+    def __init__(self, message: Update, uid: str | None, done: asyncio.Future[None] | None = None) -> None:
+        self.message = message
+        self.uid = uid
+        self.next = 0
+        self.done = done
+
+
+def account(metrics: GatewayMetrics, message: Update, clients: int, now: float) -> None:
+    """``message`` was written whole to ``clients`` clients at ``now`` (time.time())."""
+    metrics.updates_sent.inc(clients)
+    metrics.positions_sent.inc(message.size * clients)
+    metrics.bytes_sent.inc(message.nbytes * clients)
+    if message.event == "update" and message.size:
+        age = max(0.0, now - message.oldest_entry_ms / 1000)
+        for _ in range(clients):
+            metrics.entry_to_send_seconds.observe(age)
+
+
 class Client:
-    """``initial(filter)`` gives the latest position of each device a filter matches (for init messages)."""
+    """``initial(filter)`` gives the latest position of each device a filter matches (for inits)."""
 
     def __init__(self, conn: Any, *, scope: frozenset[str] | None, metrics: GatewayMetrics,
                  initial: Callable[[Filter], list[Fix]], clock: Callable[[], float] = time.monotonic) -> None:
@@ -55,6 +88,8 @@ class Client:
         self.clock = clock
         self.subscriptions: dict[str, Group] = {}
         self.pending: dict[str, Pending] = {}
+        self.replies: deque[tuple[tuple[bytes, ...], asyncio.Future[None]]] = deque()
+        self.writing: Writing | None = None
         self.backlog_since: float | None = None
         self.closing = False
         self.expiry: asyncio.TimerHandle | None = None  # the token's expiry (server._expire_at)
@@ -62,19 +97,38 @@ class Client:
 
     # --- called by the flush loop and the message handler (the event loop's thread) ---
 
-    def offer(self, uid: str, update: Update) -> None:
-        """Queue ``update`` for subscription ``uid``; if one is still unsent, send what changed since instead."""
+    def offer(self, uid: str, update: Update) -> bool:
+        """Take ``update`` for subscription ``uid``. True if it was written whole now (the caller accounts for
+        it); else it is being written, or pending, or a catch-up marker replaced the one still pending."""
         if self.closing:
-            return
+            return False
         previous = self.pending.get(uid)
         if previous is None:
-            self.pending[uid] = update
+            if self.writing is None and not self.pending and not self.replies and frames.is_open(self.conn) \
+                    and not frames.buffered(self.conn):
+                writing = Writing(update, uid)
+                if self._write_now(writing):
+                    return True
+                self.writing = writing  # the socket took part of it: the writer task writes the rest
+            else:
+                self.pending[uid] = update
         elif isinstance(previous, Update):
             # Held back: the next message is built from the group, from the generation before this one.
             self.pending[uid] = CatchUp(previous.gen - 1)
             self.metrics.positions_coalesced.labels("slow_client").inc(previous.size)
         # A pending CatchUp or Init already covers this update.
         self._backlogged()
+        return False
+
+    def _write_now(self, writing: Writing) -> bool:
+        """Write frames while the socket takes them whole; True when the message is all written."""
+        conn, message = self.conn, writing.message.frames
+        while writing.next < len(message):
+            if writing.next and frames.buffered(conn):
+                return False
+            frames.write(conn, message[writing.next])
+            writing.next += 1
+        return True
 
     def send_init(self, uid: str) -> None:
         """Queue the init message of a new subscription (replacing anything pending for that uid)."""
@@ -82,47 +136,96 @@ class Client:
         self.pending[uid] = INIT
         self._backlogged()
 
+    async def reply(self, payload: bytes) -> None:
+        """Send an answer to the client's own message (error, pong, auth) between messages; returns once it is
+        written (so a client that sends without reading is not answered faster than it reads)."""
+        if self.closing:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.replies.append((frames.text_message(payload), done))
+        self._backlogged()
+        await done
+
     def drop(self, uid: str) -> None:
         self.pending.pop(uid, None)
+
+    def abandon(self) -> None:
+        """The connection is being closed: nothing more is written, and waiting replies are released."""
+        self.closing = True
+        self.pending.clear()
+        self.writing = None
+        while self.replies:
+            _, done = self.replies.popleft()
+            if not done.done():
+                done.set_result(None)
+        self._wake.set()
 
     def _backlogged(self) -> None:
         if self.backlog_since is None:
             self.backlog_since = self.clock()
         self._wake.set()
 
-    # --- the sender task ---
+    # --- the writer task ---
 
-    async def run_sender(self) -> None:
-        """Write pending messages, oldest subscription first, until the connection closes."""
+    async def run_writer(self) -> None:
+        """Write replies, then pending messages (oldest subscription first), until the connection closes."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.pending and not self.closing:
-                uid = next(iter(self.pending))
-                item = self.pending.pop(uid)
-                group = self.subscriptions.get(uid)
-                if group is not None:
-                    await self._send(uid, group, item)
-            if not self.pending:
+            while not self.closing:
+                writing = self.writing or self._next()
+                if writing is None:
+                    break
+                self.writing = writing
+                if not await self._write_out(writing):
+                    self.abandon()  # the connection is closing: its handler ends and forgets the client
+                    break
+                self.writing = None
+                self._written(writing)
+            if not self.closing:
                 self.backlog_since = None
 
-    async def _send(self, uid: str, group: Group, item: Pending) -> None:
-        m = self.metrics
+    def _next(self) -> Writing | None:
+        if self.replies:
+            message, done = self.replies.popleft()
+            return Writing(Update(message, 0, 0, 0, sum(map(len, message)), "reply"), None, done)
+        while self.pending:
+            uid = next(iter(self.pending))
+            item = self.pending.pop(uid)
+            group = self.subscriptions.get(uid)
+            if group is None:
+                continue
+            message = self._message(group, item)
+            if message is not None:
+                return Writing(message, uid)
+        return None
+
+    def _message(self, group: Group, item: Pending) -> Update | None:
         if isinstance(item, Update):
-            frame, count, oldest, event = item.frame, item.size, item.oldest_entry_ms, "update"
-        else:
-            if isinstance(item, Init):
-                event, fixes = "init", self.initial(group.filter)
-            else:
-                event, since = "update", group.since(item.since)
-                # Fell behind further than the group remembers: every matching device's latest position.
-                fixes = since if since is not None else self.initial(group.filter)
-                m.updates_encoded.inc()
-            frame = subscription_frame(uid, event, [f.json for f in fixes])
-            count, oldest = len(fixes), min((f.entry_ms for f in fixes), default=0)
-        await self.conn.send(frame, text=True)
-        m.updates_sent.inc()
-        m.positions_sent.inc(count)
-        m.bytes_sent.inc(len(frame))
-        if event == "update" and count:
-            m.entry_to_send_seconds.observe(max(0.0, time.time() - oldest / 1000))
+            return item
+        def everything() -> list[Fix]:
+            return self.initial(group.filter)
+        if isinstance(item, Init):
+            return group.init(everything)
+        before = group.catch_ups_encoded
+        message = group.catch_up(item.since, everything)
+        self.metrics.updates_encoded.inc(group.catch_ups_encoded - before)
+        return message if message.size else None
+
+    async def _write_out(self, writing: Writing) -> bool:
+        """Write the rest of a message, one frame at a time under flow control; False if the connection closes."""
+        conn, message = self.conn, writing.message.frames
+        while writing.next < len(message):
+            if not frames.is_open(conn):
+                return False
+            frames.write(conn, message[writing.next])
+            writing.next += 1
+            await frames.drain(conn)
+        return True
+
+    def _written(self, writing: Writing) -> None:
+        if writing.done is not None:
+            if not writing.done.done():
+                writing.done.set_result(None)
+            return
+        account(self.metrics, writing.message, 1, time.time())

@@ -39,7 +39,7 @@ from ..core.redact import redact
 from ..domain.visibility import Visibility, default_visibility
 from . import protocol
 from .auth import LEEWAY_S, AuthError, TokenVerifier
-from .clients import Client
+from .clients import Client, account
 from .config import AUTH_TIMEOUT_S, MAX_FRAME_BYTES, GatewayConfig
 from .latest import Fix, LatestPositions
 from .metrics import GatewayMetrics
@@ -181,8 +181,10 @@ class Gateway:
             return
         for group, update in self.registry.updates(changed):
             self.metrics.updates_encoded.inc()
-            for client in group.members:
-                client.offer(group.uid, update)
+            uid = group.uid
+            written = sum(client.offer(uid, update) for client in group.members)
+            if written:
+                account(self.metrics, update, written, time.time())
 
     def _close_slow_clients(self) -> None:
         limit = self.config.slow_client_s
@@ -190,8 +192,7 @@ class Gateway:
         for client in self.clients:
             since = client.backlog_since
             if since is not None and not client.closing and now - since > limit:
-                client.closing = True
-                client.pending.clear()
+                client.abandon()
                 self.metrics.slow_clients_closed.inc()
                 log.warning("closing a slow client: its updates were not drained for %.0fs",
                             now - since, extra={"remote": _remote(client.conn)})
@@ -252,12 +253,12 @@ class Gateway:
             client = Client(conn, scope=self.visibility.scope(claims), metrics=self.metrics, initial=self._initial)
             self.clients.add(client)
             self._expire_at(client, claims)
-            sender = asyncio.create_task(self._sender(client))
+            writer = asyncio.create_task(client.run_writer())
             try:
                 async for frame in conn:
                     await self._on_message(client, frame)
             finally:
-                sender.cancel()
+                writer.cancel()
         except ConnectionClosed:
             pass
         finally:
@@ -265,12 +266,6 @@ class Gateway:
             self.metrics.clients.dec()
             if client is not None:
                 self._forget(client)
-
-    async def _sender(self, client: Client) -> None:
-        try:
-            await client.run_sender()
-        except ConnectionClosed:
-            pass
 
     async def _authenticate(self, conn: ServerConnection) -> Mapping[str, Any] | None:
         """The token's claims (empty in public mode), or None after refusing the connection."""
@@ -300,23 +295,32 @@ class Gateway:
             await self._refuse(conn, protocol.INVALID_CREDENTIALS, "Authenticate first: send an auth message.")
             return None
 
-    async def _verify(self, conn: ServerConnection, token: str) -> Mapping[str, Any] | None:
+    async def _verify(self, conn: ServerConnection, token: str,
+                      client: Client | None = None) -> Mapping[str, Any] | None:
         assert self.verifier is not None
         try:
             claims = self.verifier.verify(token)
         except AuthError as exc:
-            await self._refuse(conn, exc.code, exc.message)
+            await self._refuse(conn, exc.code, exc.message, client)
             return None
-        await conn.send(protocol.AUTH_OK, text=True)
+        await self._reply(conn, client, protocol.AUTH_OK)
         return claims
 
-    async def _refuse(self, conn: ServerConnection, code: str, message: str) -> None:
+    async def _refuse(self, conn: ServerConnection, code: str, message: str, client: Client | None = None) -> None:
         self.metrics.auth_failures.labels(code).inc()
         try:
-            await conn.send(protocol.auth_error(code, message), text=True)
+            await self._reply(conn, client, protocol.auth_error(code, message))
             await conn.close(CLOSE_POLICY, message[:100])
         except ConnectionClosed:
             pass
+
+    @staticmethod
+    async def _reply(conn: ServerConnection, client: Client | None, payload: bytes) -> None:
+        """Once a client exists, its writer sends everything (never inside a fragmented update)."""
+        if client is None:
+            await conn.send(payload, text=True)
+        else:
+            await client.reply(payload)
 
     def _expire_at(self, client: Client, claims: Mapping[str, Any]) -> None:
         """When the token expires, the connection ends with TOKEN_EXPIRED unless a new auth came first."""
@@ -328,36 +332,36 @@ class Gateway:
         loop = asyncio.get_running_loop()
         delay = max(0.0, exp + LEEWAY_S - time.time())
         client.expiry = loop.call_later(delay, lambda: asyncio.ensure_future(
-            self._refuse(client.conn, protocol.TOKEN_EXPIRED, "Token expired.")))
+            self._refuse(client.conn, protocol.TOKEN_EXPIRED, "Token expired.", client)))
 
     async def _on_message(self, client: Client, frame: str | bytes) -> None:
         try:
             message = protocol.parse(frame)
         except protocol.ProtocolError as exc:
             self.metrics.invalid_messages.inc()
-            await client.conn.send(protocol.error(str(exc)), text=True)
+            await client.reply(protocol.error(str(exc)))
             return
         if isinstance(message, protocol.Subscribe):
             if message.uid not in client.subscriptions and \
                     len(client.subscriptions) >= protocol.MAX_SUBSCRIPTIONS_PER_CLIENT:
                 self.metrics.invalid_messages.inc()
-                await client.conn.send(protocol.error(
-                    f"at most {protocol.MAX_SUBSCRIPTIONS_PER_CLIENT} subscriptions per connection"), text=True)
+                await client.reply(protocol.error(
+                    f"at most {protocol.MAX_SUBSCRIPTIONS_PER_CLIENT} subscriptions per connection"))
                 return
             self._subscribe(client, message)
         elif isinstance(message, protocol.Unsubscribe):
             self._unsubscribe(client, message.uid)
         elif isinstance(message, protocol.Ping):
-            await client.conn.send(protocol.PONG, text=True)
+            await client.reply(protocol.PONG)
         elif isinstance(message, protocol.Auth):
             await self._reauthenticate(client, message.access_token)
 
     async def _reauthenticate(self, client: Client, token: str) -> None:
         """A new token (Directus clients refresh theirs): it must verify, and it moves the expiry."""
         if self.verifier is None:
-            await client.conn.send(protocol.AUTH_OK, text=True)
+            await client.reply(protocol.AUTH_OK)
             return
-        claims = await self._verify(client.conn, token)
+        claims = await self._verify(client.conn, token, client)
         if claims is not None:
             self._expire_at(client, claims)
 
@@ -392,7 +396,7 @@ class Gateway:
             client.expiry.cancel()
         for uid in list(client.subscriptions):
             self._unsubscribe(client, uid)
-        client.pending.clear()
+        client.abandon()
         self.clients.discard(client)
 
     # --- stop ---

@@ -1,18 +1,25 @@
-"""Subscriptions grouped by what they receive, so that each update is encoded once per group, not per client.
+"""Subscriptions grouped by what they receive, so that each message is encoded once per group, not per client.
 
 A group is a distinct (uid, filter): clients of the same page send the same uid for the same
 subscription, so thousands of spectators share one group and one encoded frame per flush. The
 filter already holds the client's visibility scope (processor.domain.visibility), so users who may
-see different devices never share a group.
+see different devices never share a group. A group also shares what its members get outside the
+flush: inits, and the catch-ups of members that fell behind (:meth:`Group.catch_up`), encoded once
+per generation for every member that asks for the same thing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Hashable, Iterable, NamedTuple
 
+from .frames import text_message
 from .latest import Fix
 from .protocol import subscription_frame
+
+# What a group keeps of the inits and catch-ups it encoded for its current generation (bigger ones are
+# encoded for the one member that asked). 10,000 devices' positions are about 2 MB.
+SHARED_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +53,21 @@ def in_bbox(bbox: tuple[float, float, float, float], lon: float, lat: float) -> 
 
 
 class Update(NamedTuple):
-    """One group's update of one flush (generation ``gen``), encoded once and shared by every member."""
+    """One message of a group (a flush's update, a catch-up or an init), encoded once and shared by the members
+    it is for: its WebSocket frames as written (:mod:`processor.gateway.frames`)."""
 
-    frame: bytes
+    frames: tuple[bytes, ...]
     size: int  # positions in it
-    oldest_entry_ms: int
-    gen: int
+    oldest_entry_ms: int  # the oldest position's entry-id time (0: no positions)
+    gen: int  # the group's generation a member has after it
+    nbytes: int  # of all its frames
+    event: str = "update"
+
+
+def encode(uid: str, event: str, fixes: list[Fix], gen: int) -> Update:
+    frames = text_message(subscription_frame(uid, event, [f.json for f in fixes]))
+    return Update(frames, len(fixes), min((f.entry_ms for f in fixes), default=0), gen, sum(map(len, frames)),
+                  event)
 
 
 @dataclass(eq=False)
@@ -67,6 +83,9 @@ class Group:
     gen: int = 0
     changes: dict[str, tuple[int, Fix]] = field(default_factory=dict)
     pruned_below: int = 0  # changes of generations below this were forgotten
+    shared: dict[Hashable, Update] = field(default_factory=dict)  # inits and catch-ups of generation `gen`
+    shared_bytes: int = 0
+    catch_ups_encoded: int = 0  # (each shared by the members asking for it; gateway_updates_encoded_total)
 
     def update(self, fixes: list[Fix]) -> Update:
         self.gen += 1
@@ -75,14 +94,46 @@ class Group:
             changes.pop(f.device_id, None)  # re-inserted last: the dict stays in generation order
             changes[f.device_id] = (gen, f)
         self._prune()
-        frame = subscription_frame(self.uid, "update", [f.json for f in fixes])
-        return Update(frame, len(fixes), min(f.entry_ms for f in fixes), gen)
+        self.shared.clear()
+        self.shared_bytes = 0
+        return encode(self.uid, "update", fixes, gen)
+
+    def init(self, everything: Callable[[], list[Fix]]) -> Update:
+        """An init: every matching device's latest position (``everything()``), shared until the next update.
+
+        One encoded at generation g and sent later in g is still right: what changed since it was built
+        comes with update g+1, which every member gets."""
+        return self._shared("init", "init", everything)
+
+    def catch_up(self, since: int, everything: Callable[[], list[Fix]]) -> Update:
+        """For a member that last got generation ``since``: each device's latest fix changed after it, shared
+        by every member asking the same at this generation; every matching device's latest position when
+        ``since`` is older than what the group remembers."""
+        if since < self.pruned_below:
+            return self._shared("all", "update", everything)
+        return self._shared(since, "update", lambda: self.since(since) or [])
+
+    def _shared(self, key: Hashable, event: str, fixes: Callable[[], list[Fix]]) -> Update:
+        message = self.shared.get(key)
+        if message is None:
+            message = encode(self.uid, event, fixes(), self.gen)
+            if event == "update":
+                self.catch_ups_encoded += 1
+            if self.shared_bytes + message.nbytes <= SHARED_BYTES:
+                self.shared[key] = message
+                self.shared_bytes += message.nbytes
+        return message
 
     def since(self, gen: int) -> list[Fix] | None:
         """Each device's latest fix changed after generation ``gen``; None if that is older than what is kept."""
         if gen < self.pruned_below:
             return None
-        out = [f for g, f in self.changes.values() if g > gen]
+        out = []
+        for g, f in reversed(self.changes.values()):  # newest first: stop at the first one not after `gen`
+            if g <= gen:
+                break
+            out.append(f)
+        out.reverse()
         return out
 
     def _prune(self) -> None:

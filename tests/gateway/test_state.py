@@ -1,13 +1,16 @@
-"""The gateway's in-memory pieces on their own: forward-only latest positions, groups, a slow client's merge."""
+"""The gateway's in-memory pieces on their own: forward-only latest positions, groups, a slow client's merge,
+frames built once."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 
 from prometheus_client import CollectorRegistry
 
 from processor.core.types import Position
 from processor.gateway.clients import CatchUp, Client
+from processor.gateway.frames import text_message
 from processor.gateway.latest import LatestPositions, iso_ms, to_fix
 from processor.gateway.metrics import GatewayMetrics
 from processor.gateway.subscriptions import Filter, Registry
@@ -73,3 +76,48 @@ def test_a_slow_client_holds_one_marker_per_subscription_and_catches_up_from_its
         reg.updates({"a": fix("a", step)}).__next__()
     assert group.since(0) is None and [f.device_id for f in group.since(group.gen - 1)] == ["a"]
     assert sorted(group.changes) == ["a"]
+
+
+def parse_frames(frames: tuple[bytes, ...]) -> tuple[list[tuple[int, bool]], bytes]:
+    """(opcode, fin) of each frame and the message's payload (server frames: unmasked)."""
+    kinds, payload = [], b""
+    for frame in frames:
+        n = frame[1] & 0x7F
+        start = 2 if n < 126 else 4 if n == 126 else 10
+        n = n if n < 126 else int.from_bytes(frame[2:start], "big")
+        assert len(frame) == start + n and not frame[1] & 0x80  # one whole frame, not masked
+        kinds.append((frame[0] & 0x0F, bool(frame[0] & 0x80)))
+        payload += frame[start:]
+    return kinds, payload
+
+
+def test_a_long_message_is_fragmented_and_a_short_one_is_one_frame():
+    long = b'{"x":"' + b"a" * 150_000 + b'"}'
+    kinds, payload = parse_frames(text_message(long))
+    assert (kinds, payload) == ([(1, False), (0, False), (0, True)], long)  # 64 KiB + 64 KiB + the rest
+    for short in (b"{}", b"a" * 125, b"b" * 126, b"c" * 65_536):  # the three length encodings
+        assert parse_frames(text_message(short)) == ([(1, True)], short)
+
+
+def test_members_that_fell_behind_share_one_catch_up_per_generation():
+    metrics = GatewayMetrics(registry=CollectorRegistry())
+    reg = Registry(keep_gens=5)
+    clients = [Client(conn=None, scope=None, metrics=metrics, initial=lambda flt: []) for _ in range(3)]
+    for client in clients:
+        client.subscriptions["map"] = group = reg.join(client, "map", Filter())
+    for step in range(3):
+        (_, update), = reg.updates({d: fix(d, step) for d in ("a", "b")} if step < 2 else {"c": fix("c", 2)})
+        assert not any(client.offer("map", update) for client in clients)  # conn None: never writable
+    messages = [client._next().message for client in clients]
+    assert messages[0] is messages[1] is messages[2]
+    assert metrics.registry.get_sample_value("gateway_updates_encoded_total") == 1
+    _, payload = parse_frames(messages[0].frames)
+    doc = json.loads(payload)
+    assert (doc["uid"], doc["event"], messages[0].gen, messages[0].size) == ("map", "update", 3, 3)
+    assert {p["device_id"]: p["ts"] for p in doc["positions"]} == {
+        "a": iso_ms(T0 + timedelta(seconds=1)), "b": iso_ms(T0 + timedelta(seconds=1)),
+        "c": iso_ms(T0 + timedelta(seconds=2))}
+    # the next generation encodes its own
+    (_, update), = reg.updates({"d": fix("d", 3)})
+    assert group.catch_up(0, lambda: []) is not messages[0]
+    assert group.catch_up(2, lambda: []).size == 2  # c (generation 3) and d (4)
