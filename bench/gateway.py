@@ -38,6 +38,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -152,15 +153,20 @@ def publisher(redis_url: str, stream: str, scale: Scale, start_at: float, out: A
 
 # --- the clients: a lean WebSocket harness ------------------------------------------------------
 #
-# 1,000 clients x ~10 updates/s x ~100 KB is ~1 GB/s of frames on the gateway's own 2 cores. Clients built on
+# 1,000 clients x ~10 updates/s x ~100 KB is ~1 GB/s of JSON on the gateway's own 2 cores. Clients built on
 # websockets' client parse and queue every frame: three such processes wanted three cores and held 1.4 GB each,
 # so they, not the gateway, were measured. These clients are asyncio Protocols: the handshake, the auth reply
 # and the init are read whole; after that a frame is split by its header alone and its payload skipped without a
-# copy, except at the sampled clients, which keep each update and read every position's "ts" (latency) and
-# count its positions. Control frames are honoured: a ping gets its pong, a close counts as a drop.
+# copy, except at the sampled clients, which keep each update (inflate it when compressed) and read every
+# position's "ts" (latency) and count its positions. The others' positions are counted from the sampled
+# clients of their process: a message of the same length is the same message (all members of a group get the
+# same bytes); one no sampled client got is counted at the sampled clients' bytes per position. Like a browser,
+# a client offers permessage-deflate (unless --no-deflate). Control frames are honoured: a ping gets its pong,
+# a close counts as a drop.
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _TS_KEY = b'"ts":"'
+_SYNC_TAIL = b"\x00\x00\xff\xff"
 
 
 def _latencies_ms(frame: bytes, now_ms: float, cache: dict[bytes, int]) -> list[float]:
@@ -193,6 +199,8 @@ class Tally:
     def __init__(self, measure_from: float, stop_at: float) -> None:
         self.measure_from, self.stop_at = measure_from, stop_at
         self.frames = self.bytes = self.sampled_bytes = self.sampled_positions = 0
+        self.positions_by_length: dict[int, int] = {}  # what the sampled clients found in a message that long
+        self.other_lengths: dict[int, int] = {}  # the other clients' messages: length -> how many
         self.dropped = 0
         self.errors: list[str] = []
         self.latencies: list[float] = []
@@ -220,6 +228,8 @@ class LeanClient(asyncio.Protocol):
         self.control_op = 0
         self.message: bytearray | None = None  # the data message being kept (not kept: None)
         self.message_bytes = 0
+        self.deflate = False  # permessage-deflate negotiated
+        self.compressed = False  # the current message is
         self.fin = False
         self.bytes = 0
         self.cache: dict[bytes, int] = {}
@@ -253,6 +263,7 @@ class LeanClient(asyncio.Protocol):
             if not head.startswith(b"HTTP/1.1 101") or self.accept not in head:
                 self._fail(f"handshake refused: {head[:80]!r}")
                 return
+            self.deflate = b"permessage-deflate" in head.lower()
             self.stage = "auth"
         i, n = 0, len(data)
         while i < n and self.stage != "gone":
@@ -287,6 +298,7 @@ class LeanClient(asyncio.Protocol):
             self.fin = bool(b0 & 0x80)
             if op:  # a new message (0: its continuation)
                 self.message_bytes = 0
+                self.compressed = bool(b0 & 0x40)
                 self.message = bytearray() if self.sample or self.stage != "live" else None
             self.message_bytes += length
         self.need = length
@@ -303,7 +315,10 @@ class LeanClient(asyncio.Protocol):
                 self._fail(f"closed by the gateway: {code} {payload[2:80]!r}")
             return
         if self.fin:
-            self._message_end(bytes(self.message) if self.message is not None else None)
+            message = bytes(self.message) if self.message is not None else None
+            if message is not None and self.compressed:
+                message = zlib.decompressobj(-15).decompress(message + _SYNC_TAIL)
+            self._message_end(message)
 
     def _message_end(self, message: bytes | None) -> None:
         now = time.time()
@@ -318,6 +333,9 @@ class LeanClient(asyncio.Protocol):
                     t.latencies.extend(lat)
                     t.sampled_positions += len(lat)
                     t.sampled_bytes += self.message_bytes
+                    t.positions_by_length[self.message_bytes] = len(lat)
+                else:
+                    t.other_lengths[self.message_bytes] = t.other_lengths.get(self.message_bytes, 0) + 1
         elif self.stage == "auth":
             if message is None or b'"status":"ok"' not in message:
                 self._fail(f"auth refused: {message!r:.100}")
@@ -338,7 +356,7 @@ class LeanClient(asyncio.Protocol):
 
 
 def client_process(port: int, path: str, subscriptions: list[dict[str, Any]], sampled: list[bool],
-                   measure_from: float, stop_at: float, subscribed: Any, out: Any) -> None:
+                   measure_from: float, stop_at: float, subscribed: Any, out: Any, deflate: bool = True) -> None:
     """Hold one lean connection per subscription until ``stop_at``; put this process's :class:`Tally` on ``out``."""
     tally = Tally(measure_from, stop_at)
 
@@ -349,7 +367,8 @@ def client_process(port: int, path: str, subscriptions: list[dict[str, Any]], sa
             key = base64.b64encode(os.urandom(16))
             request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
-                       f"Sec-WebSocket-Version: 13\r\n\r\n").encode()
+                       + ("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" if deflate else "")
+                       + "Sec-WebSocket-Version: 13\r\n\r\n").encode()
             client = LeanClient(request=request, key=key, subscribe=json.dumps({"type": "subscribe", **sub}).encode(),
                                 sample=sample, tally=tally, subscribed=subscribed)
             try:
@@ -365,9 +384,13 @@ def client_process(port: int, path: str, subscriptions: list[dict[str, Any]], sa
             client.finish()
 
     asyncio.run(main())
+    known = {n: c for n, c in tally.other_lengths.items() if n in tally.positions_by_length}
     out.put({"frames": tally.frames, "bytes": tally.bytes, "sampled_bytes": tally.sampled_bytes,
              "sampled_positions": tally.sampled_positions, "dropped": tally.dropped, "errors": tally.errors,
-             "latencies": tally.latencies, "per_client_bytes": tally.per_client_bytes})
+             "latencies": tally.latencies, "per_client_bytes": tally.per_client_bytes,
+             "matched_positions": sum(tally.positions_by_length[n] * c for n, c in known.items()),
+             "matched_messages": sum(known.values()), "matched_bytes": sum(n * c for n, c in known.items()),
+             "other_messages": sum(tally.other_lengths.values())})
 
 
 # --- one phase ----------------------------------------------------------------------------------
@@ -402,7 +425,7 @@ def _histogram_quantile(samples: dict[str, float], name: str, q: float) -> float
 
 
 def run_phase(name: str, gateway: subprocess.Popen[bytes], port: int, redis_url: str, stream: str,
-              scale: Scale) -> dict[str, Any]:
+              scale: Scale, deflate: bool = True) -> dict[str, Any]:
     from processor.gateway.auth import mint
 
     path = f"/ws?access_token={mint(SECRET, ttl_s=3600)}"
@@ -422,7 +445,7 @@ def run_phase(name: str, gateway: subprocess.Popen[bytes], port: int, redis_url:
     stop_at = start_at + scale.seconds + 2.0
     per = -(-scale.clients // scale.client_processes)
     procs = [ctx.Process(target=client_process, args=(port, path, subs[i:i + per], sampled[i:i + per], start_at,
-                                                      stop_at, subscribed, out))
+                                                      stop_at, subscribed, out, deflate))
              for i in range(0, scale.clients, per)]
     for p in procs:
         p.start()
@@ -446,11 +469,15 @@ def run_phase(name: str, gateway: subprocess.Popen[bytes], port: int, redis_url:
     published = next(r for r in results if "published" in r)
     stats = [r for r in results if "frames" in r]
     lat = [x for s in stats for x in s["latencies"]]
-    # Exact at the sampled clients; the others' payload bytes at the sampled clients' bytes per position.
+    # Counted at the sampled clients; the others' messages by their length (see the clients' comment), the
+    # rest at the sampled clients' bytes per position.
     sampled_positions = sum(s["sampled_positions"] for s in stats)
     sampled_bytes = sum(s["sampled_bytes"] for s in stats)
     total_bytes = sum(s["bytes"] for s in stats)
-    delivered = sampled_positions + (total_bytes - sampled_bytes) * sampled_positions / max(1, sampled_bytes)
+    matched_positions = sum(s["matched_positions"] for s in stats)
+    unmatched_bytes = total_bytes - sampled_bytes - sum(s["matched_bytes"] for s in stats)
+    delivered = sampled_positions + matched_positions + unmatched_bytes * sampled_positions / max(1, sampled_bytes)
+    other_messages = sum(s["other_messages"] for s in stats)
     per_client = sorted(b for s in stats for b in s["per_client_bytes"])
     hist = {k: after.get(k, 0) - before.get(k, 0) for k in after if k.startswith("gateway_entry_to_send_seconds")}
     return {
@@ -462,6 +489,13 @@ def run_phase(name: str, gateway: subprocess.Popen[bytes], port: int, redis_url:
         "latency_samples": len(lat),
         "delivered_per_s": round(delivered / scale.seconds),
         "delivered_mb_per_s": round(total_bytes / scale.seconds / 1e6, 1),
+        "deflate_offered": deflate,
+        "other_messages_matched": round(sum(s["matched_messages"] for s in stats) / other_messages, 4)
+        if other_messages else None,
+        "gateway_positions_sent_per_s": round((after.get("gateway_positions_sent_total", 0)
+                                               - before.get("gateway_positions_sent_total", 0)) / scale.seconds),
+        "gateway_bytes_sent_mb_per_s": round((after.get("gateway_bytes_sent_total", 0)
+                                              - before.get("gateway_bytes_sent_total", 0)) / scale.seconds / 1e6, 1),
         "client_bytes_min_to_median": round(per_client[0] / max(1, per_client[len(per_client) // 2]), 3)
         if per_client else None,
         "sampled_clients": sum(sampled), "frames_received": sum(s["frames"] for s in stats),
@@ -519,7 +553,7 @@ def _start_gateway(redis_url: str, pg_url: str, stream: str, port: int, logfile:
 
 
 def run(redis_url: str, admin_url: str, *, quick: bool = False,
-        phases: tuple[str, ...] = PHASES) -> dict[str, Any]:
+        phases: tuple[str, ...] = PHASES, deflate: bool = True) -> dict[str, Any]:
     import redis
 
     from processor.core.db import schema_sql
@@ -541,7 +575,7 @@ def run(redis_url: str, admin_url: str, *, quick: bool = False,
                 try:
                     log(f"{phase}: {scale.clients} clients, {scale.rate}/s from {scale.devices} devices, "
                         f"{scale.seconds:g} s")
-                    results[phase] = run_phase(phase, gateway, port, redis_url, stream, scale)
+                    results[phase] = run_phase(phase, gateway, port, redis_url, stream, scale, deflate)
                     log(f"{phase}: {_brief(results[phase])}")
                 finally:
                     gateway.send_signal(signal.SIGTERM)
@@ -591,11 +625,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="50 clients, 500 positions/s for 3 s")
     parser.add_argument("--phase", choices=PHASES, action="append",
                         help="run only this phase (repeatable; default: both)")
+    parser.add_argument("--no-deflate", action="store_true",
+                        help="clients do not offer permessage-deflate (they get uncompressed frames)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "gateway_results.json"))
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
     parser.add_argument("--postgres-url", default=os.environ.get("POSTGRES_URL", DEFAULT_POSTGRES_URL))
     args = parser.parse_args(argv)
-    results = run(args.redis_url, args.postgres_url, quick=args.quick, phases=tuple(args.phase or PHASES))
+    results = run(args.redis_url, args.postgres_url, quick=args.quick, phases=tuple(args.phase or PHASES),
+                  deflate=not args.no_deflate)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     log(f"results written to {args.out}")

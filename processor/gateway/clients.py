@@ -54,22 +54,25 @@ Pending = Update | CatchUp | Init
 
 
 class Writing:
-    """The message being written: its frames and how many are written; ``done`` is a reply's waiter."""
+    """A message being written: its frames (as this client gets them) and how many are written; ``done`` is a
+    reply's waiter."""
 
-    __slots__ = ("message", "uid", "next", "done")
+    __slots__ = ("message", "frames", "nbytes", "uid", "next", "done")
 
-    def __init__(self, message: Update, uid: str | None, done: asyncio.Future[None] | None = None) -> None:
+    def __init__(self, message: Update, deflate_bits: int | None, uid: str | None,
+                 done: asyncio.Future[None] | None = None) -> None:
         self.message = message
+        self.frames, self.nbytes = message.frames(deflate_bits)
         self.uid = uid
         self.next = 0
         self.done = done
 
 
-def account(metrics: GatewayMetrics, message: Update, clients: int, now: float) -> None:
-    """``message`` was written whole to ``clients`` clients at ``now`` (time.time())."""
+def account(metrics: GatewayMetrics, message: Update, clients: int, nbytes: int, now: float) -> None:
+    """``message`` was written whole to ``clients`` clients (``nbytes`` in all) at ``now`` (time.time())."""
     metrics.updates_sent.inc(clients)
     metrics.positions_sent.inc(message.size * clients)
-    metrics.bytes_sent.inc(message.nbytes * clients)
+    metrics.bytes_sent.inc(nbytes)
     if message.event == "update" and message.size:
         age = max(0.0, now - message.oldest_entry_ms / 1000)
         for _ in range(clients):
@@ -82,13 +85,14 @@ class Client:
     def __init__(self, conn: Any, *, scope: frozenset[str] | None, metrics: GatewayMetrics,
                  initial: Callable[[Filter], list[Fix]], clock: Callable[[], float] = time.monotonic) -> None:
         self.conn = conn
+        self.deflate_bits = frames.deflate_bits(conn)  # None: this client gets uncompressed messages
         self.scope = scope
         self.metrics = metrics
         self.initial = initial
         self.clock = clock
         self.subscriptions: dict[str, Group] = {}
         self.pending: dict[str, Pending] = {}
-        self.replies: deque[tuple[tuple[bytes, ...], asyncio.Future[None]]] = deque()
+        self.replies: deque[tuple[Update, asyncio.Future[None]]] = deque()
         self.writing: Writing | None = None
         self.backlog_since: float | None = None
         self.closing = False
@@ -97,18 +101,18 @@ class Client:
 
     # --- called by the flush loop and the message handler (the event loop's thread) ---
 
-    def offer(self, uid: str, update: Update) -> bool:
-        """Take ``update`` for subscription ``uid``. True if it was written whole now (the caller accounts for
-        it); else it is being written, or pending, or a catch-up marker replaced the one still pending."""
+    def offer(self, uid: str, update: Update) -> int:
+        """Take ``update`` for subscription ``uid``. Its bytes if it was written whole now (the caller accounts
+        for it); else 0: it is being written, or pending, or a catch-up marker replaced the one still pending."""
         if self.closing:
-            return False
+            return 0
         previous = self.pending.get(uid)
         if previous is None:
             if self.writing is None and not self.pending and not self.replies and frames.is_open(self.conn) \
                     and not frames.buffered(self.conn):
-                writing = Writing(update, uid)
+                writing = Writing(update, self.deflate_bits, uid)
                 if self._write_now(writing):
-                    return True
+                    return writing.nbytes
                 self.writing = writing  # the socket took part of it: the writer task writes the rest
             else:
                 self.pending[uid] = update
@@ -118,11 +122,11 @@ class Client:
             self.metrics.positions_coalesced.labels("slow_client").inc(previous.size)
         # A pending CatchUp or Init already covers this update.
         self._backlogged()
-        return False
+        return 0
 
     def _write_now(self, writing: Writing) -> bool:
         """Write frames while the socket takes them whole; True when the message is all written."""
-        conn, message = self.conn, writing.message.frames
+        conn, message = self.conn, writing.frames
         while writing.next < len(message):
             if writing.next and frames.buffered(conn):
                 return False
@@ -142,7 +146,7 @@ class Client:
         if self.closing:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.replies.append((frames.text_message(payload), done))
+        self.replies.append((Update(payload, 0, 0, 0, "reply"), done))
         self._backlogged()
         await done
 
@@ -188,7 +192,7 @@ class Client:
     def _next(self) -> Writing | None:
         if self.replies:
             message, done = self.replies.popleft()
-            return Writing(Update(message, 0, 0, 0, sum(map(len, message)), "reply"), None, done)
+            return Writing(message, None, None, done)  # short: uncompressed
         while self.pending:
             uid = next(iter(self.pending))
             item = self.pending.pop(uid)
@@ -197,7 +201,7 @@ class Client:
                 continue
             message = self._message(group, item)
             if message is not None:
-                return Writing(message, uid)
+                return Writing(message, self.deflate_bits, uid)
         return None
 
     def _message(self, group: Group, item: Pending) -> Update | None:
@@ -214,7 +218,7 @@ class Client:
 
     async def _write_out(self, writing: Writing) -> bool:
         """Write the rest of a message, one frame at a time under flow control; False if the connection closes."""
-        conn, message = self.conn, writing.message.frames
+        conn, message = self.conn, writing.frames
         while writing.next < len(message):
             if not frames.is_open(conn):
                 return False
@@ -228,4 +232,4 @@ class Client:
             if not writing.done.done():
                 writing.done.set_result(None)
             return
-        account(self.metrics, writing.message, 1, time.time())
+        account(self.metrics, writing.message, 1, writing.nbytes, time.time())

@@ -41,6 +41,7 @@ from . import protocol
 from .auth import LEEWAY_S, AuthError, TokenVerifier
 from .clients import Client, account
 from .config import AUTH_TIMEOUT_S, MAX_FRAME_BYTES, GatewayConfig
+from .frames import deflate_extension
 from .latest import Fix, LatestPositions
 from .metrics import GatewayMetrics
 from .page import content_security_policy, page_html
@@ -91,6 +92,7 @@ class Gateway:
         cfg = self.config
         log.info("gateway starting", extra={"version": __version__})
         server = await serve(self._handle, cfg.host, cfg.port, process_request=self._http, compression=None,
+                             extensions=[deflate_extension()],
                              max_size=MAX_FRAME_BYTES, ping_interval=PING_INTERVAL_S, ping_timeout=PING_INTERVAL_S,
                              close_timeout=CLOSE_TIMEOUT_S, server_header=None)
         self.port = next(iter(server.sockets)).getsockname()[1]
@@ -181,10 +183,14 @@ class Gateway:
             return
         for group, update in self.registry.updates(changed):
             self.metrics.updates_encoded.inc()
-            uid = group.uid
-            written = sum(client.offer(uid, update) for client in group.members)
+            uid, written, nbytes = group.uid, 0, 0
+            for client in group.members:
+                n = client.offer(uid, update)
+                if n:
+                    written += 1
+                    nbytes += n
             if written:
-                account(self.metrics, update, written, time.time())
+                account(self.metrics, update, written, nbytes, time.time())
 
     def _close_slow_clients(self) -> None:
         limit = self.config.slow_client_s

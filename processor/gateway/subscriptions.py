@@ -11,9 +11,9 @@ per generation for every member that asks for the same thing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable, NamedTuple
+from typing import Any, Callable, Hashable, Iterable
 
-from .frames import text_message
+from .frames import DEFLATE_MIN_BYTES, deflated_message, text_message
 from .latest import Fix
 from .protocol import subscription_frame
 
@@ -52,22 +52,41 @@ def in_bbox(bbox: tuple[float, float, float, float], lon: float, lat: float) -> 
     return lon >= min_lon or lon <= max_lon  # crosses the antimeridian
 
 
-class Update(NamedTuple):
+class Update:
     """One message of a group (a flush's update, a catch-up or an init), encoded once and shared by the members
-    it is for: its WebSocket frames as written (:mod:`processor.gateway.frames`)."""
+    it is for. :meth:`frames` gives its WebSocket frames as written (:mod:`processor.gateway.frames`):
+    uncompressed, or compressed with a given window, each built the first time a member needs it."""
 
-    frames: tuple[bytes, ...]
-    size: int  # positions in it
-    oldest_entry_ms: int  # the oldest position's entry-id time (0: no positions)
-    gen: int  # the group's generation a member has after it
-    nbytes: int  # of all its frames
-    event: str = "update"
+    __slots__ = ("payload", "size", "oldest_entry_ms", "gen", "event", "_frames")
+
+    def __init__(self, payload: bytes, size: int, oldest_entry_ms: int, gen: int, event: str = "update") -> None:
+        self.payload = payload
+        self.size = size  # positions in it
+        self.oldest_entry_ms = oldest_entry_ms  # the oldest position's entry-id time (0: no positions)
+        self.gen = gen  # the group's generation a member has after it
+        self.event = event
+        self._frames: dict[int | None, tuple[tuple[bytes, ...], int]] = {}
+
+    def frames(self, deflate_bits: int | None = None) -> tuple[tuple[bytes, ...], int]:
+        """(frames, their bytes): uncompressed for None, else compressed with that window (RFC 7692) unless the
+        message is too short to be worth it."""
+        found = self._frames.get(deflate_bits)
+        if found is None:
+            if deflate_bits is None or len(self.payload) < DEFLATE_MIN_BYTES:
+                found = self._frames.get(None)
+                if found is None:
+                    message = text_message(self.payload)
+                    found = self._frames[None] = (message, sum(map(len, message)))
+            else:
+                message = deflated_message(self.payload, deflate_bits)
+                found = (message, sum(map(len, message)))
+            self._frames[deflate_bits] = found
+        return found
 
 
 def encode(uid: str, event: str, fixes: list[Fix], gen: int) -> Update:
-    frames = text_message(subscription_frame(uid, event, [f.json for f in fixes]))
-    return Update(frames, len(fixes), min((f.entry_ms for f in fixes), default=0), gen, sum(map(len, frames)),
-                  event)
+    return Update(subscription_frame(uid, event, [f.json for f in fixes]), len(fixes),
+                  min((f.entry_ms for f in fixes), default=0), gen, event)
 
 
 @dataclass(eq=False)
@@ -119,9 +138,9 @@ class Group:
             message = encode(self.uid, event, fixes(), self.gen)
             if event == "update":
                 self.catch_ups_encoded += 1
-            if self.shared_bytes + message.nbytes <= SHARED_BYTES:
+            if self.shared_bytes + len(message.payload) <= SHARED_BYTES:
                 self.shared[key] = message
-                self.shared_bytes += message.nbytes
+                self.shared_bytes += len(message.payload)
         return message
 
     def since(self, gen: int) -> list[Fix] | None:

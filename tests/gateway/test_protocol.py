@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import psycopg2
@@ -211,20 +212,26 @@ def test_1000_positions_of_one_device_give_one_update(start_gateway, redis_clien
     print(f"1,000 positions published in {published_in * 1000:.1f} ms: one update")
 
 
-def test_an_update_longer_than_a_fragment_arrives_whole(start_gateway, redis_client, keys):
-    """600 devices in one flush: about 110 KB, written as fragments of 64 KiB; the client gets one message."""
+@pytest.mark.parametrize("compression", ["deflate", None])
+def test_an_update_longer_than_a_fragment_arrives_whole(start_gateway, redis_client, keys, compression):
+    """600 devices in one flush, about 300 KB (160 KB compressed: random attributes), written as fragments of
+    64 KiB, compressed once for the clients that negotiated permessage-deflate; the client gets one message."""
     gw = start_gateway()
-    ws = open_client(gw, auth=token())
+    ws = open_client(gw, auth=token(), compression=compression)
+    assert [type(e).__name__ for e in ws.protocol.extensions] == (["PerMessageDeflate"] if compression else [])
     subscribe(ws)
     pipe = redis_client.pipeline(transaction=True)  # one MULTI: one XREAD, one flush
     for i in range(600):
-        pipe.xadd(keys["stream"], {"payload": position(f"frag{i:03d}", NOW_MS + i)})
+        pipe.xadd(keys["stream"], {"payload": position(f"frag{i:03d}", NOW_MS + i,
+                                                       attributes={"noise": os.urandom(160).hex()})})
     pipe.execute()
     raw = ws.recv(timeout=10)
     message = json.loads(raw)
-    assert len(raw) > 64 * 1024 and message["event"] == "update"
+    assert len(raw) > 4 * 64 * 1024 and message["event"] == "update"
     assert sorted(p["device_id"] for p in message["positions"]) == [f"frag{i:03d}" for i in range(600)]
     assert gw.metric("gateway_updates_encoded_total") == 1
+    sent = gw.metric("gateway_bytes_sent_total")  # the init's and the update's frames
+    assert (64 * 1024 < sent < 0.7 * len(raw)) if compression else sent > len(raw)
 
 
 def test_forward_only(start_gateway, redis_client, keys):

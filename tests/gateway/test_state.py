@@ -4,13 +4,14 @@ frames built once."""
 from __future__ import annotations
 
 import json
+import zlib
 from datetime import datetime, timedelta, timezone
 
 from prometheus_client import CollectorRegistry
 
 from processor.core.types import Position
 from processor.gateway.clients import CatchUp, Client
-from processor.gateway.frames import text_message
+from processor.gateway.frames import deflated_message, text_message
 from processor.gateway.latest import LatestPositions, iso_ms, to_fix
 from processor.gateway.metrics import GatewayMetrics
 from processor.gateway.subscriptions import Filter, Registry
@@ -111,7 +112,7 @@ def test_members_that_fell_behind_share_one_catch_up_per_generation():
     messages = [client._next().message for client in clients]
     assert messages[0] is messages[1] is messages[2]
     assert metrics.registry.get_sample_value("gateway_updates_encoded_total") == 1
-    _, payload = parse_frames(messages[0].frames)
+    _, payload = parse_frames(messages[0].frames()[0])
     doc = json.loads(payload)
     assert (doc["uid"], doc["event"], messages[0].gen, messages[0].size) == ("map", "update", 3, 3)
     assert {p["device_id"]: p["ts"] for p in doc["positions"]} == {
@@ -121,3 +122,15 @@ def test_members_that_fell_behind_share_one_catch_up_per_generation():
     (_, update), = reg.updates({"d": fix("d", 3)})
     assert group.catch_up(0, lambda: []) is not messages[0]
     assert group.catch_up(2, lambda: []).size == 2  # c (generation 3) and d (4)
+
+
+def test_a_compressed_message_inflates_to_the_message_on_its_own():
+    """RFC 7692: no context takeover, so each message inflates alone (the sync flush's tail put back)."""
+    payload = json.dumps({"positions": [{"device_id": f"d{i}", "speed": i % 7} for i in range(3000)]}).encode()
+    frames = deflated_message(payload, 15)
+    assert frames[0][0] & 0x40 and not any(f[0] & 0x40 for f in frames[1:])  # RSV1 on the first frame only
+    kinds, data = parse_frames(frames)
+    assert kinds[0] == (1, len(frames) == 1) and kinds[-1][1]
+    assert len(data) * 5 < len(payload)
+    inflater = zlib.decompressobj(-15)
+    assert inflater.decompress(data + b"\x00\x00\xff\xff") == payload
