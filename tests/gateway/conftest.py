@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -167,3 +169,26 @@ def updates_until(ws: ClientConnection, done: Callable[[dict[str, dict[str, Any]
             latest[p["device_id"]] = p
     return messages, latest
 
+
+
+def masked(payload: bytes) -> bytes:
+    """A client's text frame (RFC 6455 5.3: masked) of fewer than 126 bytes."""
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def raw_client(port: int, jwt: str, rcvbuf: int = 4096) -> socket.socket:
+    """A WebSocket client by hand, no compression offered, a small receive buffer and the token on the URL:
+    its socket after the handshake, nothing past the 101 read."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /ws?access_token={jwt} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)  # byte by byte: nothing past the handshake is read
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock

@@ -10,8 +10,8 @@ import psycopg2
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.gateway.conftest import (ISSUER, SECRET, open_client, recv_json, subscribe, token,
-                                    updates_until)
+from tests.gateway.conftest import (ISSUER, SECRET, masked, open_client, raw_client, recv_json, subscribe,
+                                    token, updates_until)
 from tests.helpers import publish
 
 from processor.gateway.auth import mint
@@ -294,6 +294,50 @@ def test_bad_json_and_unknown_types_keep_the_connection(start_gateway):
         assert reply["error"]["message"].startswith(starts), reply
     subscribe(ws)  # still open and working
     assert gw.metric("gateway_invalid_messages_total") == 4
+
+
+def test_replies_never_fall_inside_a_fragmented_update(start_gateway, redis_client, keys):
+    """A client that does not read while 1-2 MB updates flow in fragments (10 MB: more than the sockets'
+    buffers hold), and sends pings meanwhile: then every frame it reads keeps RFC 6455 5.4 (after a frame
+    without FIN, only continuations and control frames until the FIN), and every pong and update comes."""
+    rounds, devices = 5, 2000
+    gw = start_gateway()
+    sock = raw_client(gw.port, token())
+    sock.sendall(masked(json.dumps({"type": "subscribe", "uid": "map"}).encode()))
+    for rnd in range(rounds):
+        pipe = redis_client.pipeline(transaction=True)
+        for i in range(devices):
+            pipe.xadd(keys["stream"], {"payload": position(f"frag{i:04d}", NOW_MS + rnd * 1000 + i % 1000,
+                                                           attributes={"noise": os.urandom(400).hex()})})
+        pipe.execute()
+        for _ in range(4):
+            sock.sendall(masked(b'{"type":"ping"}'))
+        time.sleep(0.2)
+    kinds, messages = [], []
+    reader = sock.makefile("rb")
+    latest: dict[str, str] = {}
+    parts: list[bytes] = []
+    while sum(m.get("type") == "pong" for m in messages) < 4 * rounds or len(latest) < devices \
+            or min(latest.values()) != iso(NOW_MS + (rounds - 1) * 1000):
+        b0, b1 = reader.read(2)
+        n = b1 & 0x7F
+        n = n if n < 126 else int.from_bytes(reader.read(2 if n == 126 else 8), "big")
+        payload = reader.read(n)
+        kind = b0 & 0x0F
+        assert not b0 & 0x40, "compression was not negotiated"
+        if parts:
+            assert kind in (0, 8, 9, 10), f"a {kind} frame inside a fragmented message"
+        elif kind == 0:
+            raise AssertionError("a continuation without a message")
+        kinds.append(kind)
+        if kind in (0, 1):
+            parts.append(payload)
+            if b0 & 0x80:
+                messages.append(json.loads(b"".join(parts)))
+                parts = []
+                latest.update((p["device_id"], p["ts"]) for p in messages[-1].get("positions", ()))
+    assert kinds.count(0) > rounds  # fragmented updates did come
+    assert gw.metric("gateway_clients") == 1
 
 
 def test_a_100_kib_frame_closes_with_1009(start_gateway):

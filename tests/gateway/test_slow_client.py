@@ -3,15 +3,13 @@ gateway's memory stays within 50 MB of its start, and another client keeps recei
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import socket
 import statistics
 import threading
 import time
 
-from tests.gateway.conftest import open_client, subscribe, token
+from tests.gateway.conftest import masked, open_client, raw_client, subscribe, token
 
 POSITIONS = 100_000
 DEVICES = 1_000
@@ -22,19 +20,8 @@ RSS_GROWTH_LIMIT_MB = 50
 
 def never_reading_client(port: int, jwt: str) -> socket.socket:
     """A WebSocket client by hand with a 4 KiB receive buffer: handshake, subscribe, then never read again."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /ws?access_token={jwt} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)  # byte by byte: nothing past the handshake is read
-    assert head.startswith(b"HTTP/1.1 101"), head
-    payload = json.dumps({"type": "subscribe", "uid": "map"}).encode()
-    mask = os.urandom(4)
-    sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    sock = raw_client(port, jwt)
+    sock.sendall(masked(json.dumps({"type": "subscribe", "uid": "map"}).encode()))
     return sock
 
 
