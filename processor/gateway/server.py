@@ -174,7 +174,7 @@ class Gateway:
                 log.exception("flush failed")
             if self.reader is not None and self.reader.alive():
                 self.health.turned()
-            ok, _ = self.health.ready()
+            ok, _ = self._ready()
             self.metrics.ready.set(1 if ok else 0)
 
     def flush(self) -> None:
@@ -220,15 +220,22 @@ class Gateway:
                              [("Content-Security-Policy", self._csp), ("Cache-Control", "no-cache"),
                               ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")])
         if path == "/metrics":
-            self.metrics.ready.set(1 if self.health.ready()[0] else 0)
+            self.metrics.ready.set(1 if self._ready()[0] else 0)
             return _response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
         if path == "/healthz":
             ok, why = self.health.alive()
             return _response(200 if ok else 503, (why + "\n").encode())
         if path == "/readyz":
-            ok, why = self.health.ready()
+            ok, why = self._ready()
             return _response(200 if ok else 503, (redact(why) + "\n").encode())
         return _response(404, b"not found: try /, /ws, /metrics, /healthz or /readyz\n")
+
+    def _ready(self) -> tuple[bool, str]:
+        """Ready once /ws accepts connections: the snapshot is in, the reader runs and Redis answers."""
+        ok, why = self.health.ready()
+        if ok and not self.accepting:
+            return False, "starting: the stream reader is not running yet"
+        return ok, why
 
     def _origin_allowed(self, headers: Headers) -> bool:
         """No Origin (not a browser) passes; else one of GATEWAY_ALLOWED_ORIGINS, or the same origin when empty."""
