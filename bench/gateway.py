@@ -1,7 +1,5 @@
 """The gateway's benchmark (issue 14): live positions to 1,000 WebSocket clients.
 
-    .venv/bin/python bench/gateway.py [--quick] [--out bench/gateway_results.json]
-
 A real gateway process (``processor.py gateway``) on a fresh database and stream; a publisher process
 adds 5,000 positions/s from 10,000 devices for 30 s (each position's timestamp is its publish time, so
 receipt time minus ``ts`` is the entry-id time to receipt, within a millisecond); client processes
@@ -10,11 +8,16 @@ hold 1,000 WebSocket connections, authenticated with a token on the URL:
 1. ``all``: every client subscribed to everything (one distinct subscription: one encoding a flush);
 2. ``devices``: every client subscribed to 10 devices of its own (1,000 distinct subscriptions).
 
-Per phase: p50/p99 of receipt minus ``ts`` over the positions of a sample of clients (every 10th
-parses every position of every frame it gets; the others count positions), positions delivered per
-second (all clients), clients dropped, the gateway's CPU (user+system from /proc over the publishing
-window, in cores), its peak RSS (VmHWM) and its own ``gateway_entry_to_send_seconds`` p99.
-Clients and publisher run on the same machine as the gateway: on a small machine they compete with it.
+Per phase: p50/p99 of receipt minus ``ts`` over the positions of a sample of clients (every 50th in the
+``all`` phase, every client in the other, parses every position of every message it gets; see "the
+clients" below for how the others are counted), positions delivered per second (all clients), clients
+dropped, the gateway's CPU (user+system from /proc over the publishing window, in cores) and the CPU it
+waited for (schedstat: runnable, not running), the clients' CPU, its peak RSS (VmHWM), its own
+``gateway_entry_to_send_seconds`` p99 and the load averages. Clients and publisher run on the same
+machine as the gateway: on a small machine they compete with it. The clients offer permessage-deflate
+as browsers do; ``--no-deflate`` measures clients that do not.
+
+    .venv/bin/python bench/gateway.py [--quick] [--phase all|devices] [--no-deflate] [--out FILE]
 
 Uses REDIS_URL and POSTGRES_URL (a maintenance database where CREATE DATABASE is allowed).
 ``bench/run.py`` runs it as its "gateway" section through :func:`section`.
@@ -564,7 +567,7 @@ def run(redis_url: str, admin_url: str, *, quick: bool = False,
     _admin(admin_url, f'CREATE DATABASE "{db}"')
     pg_url = _with_db(admin_url, db)
     _admin(pg_url, schema_sql())
-    results: dict[str, Any] = {"scale": asdict(scale), "quick": quick, "targets": TARGETS,
+    results: dict[str, Any] = {"scale": asdict(scale), "quick": quick, "targets": TARGETS, "deflate": deflate,
                                "machine_busy_cores_before": _machine_busy_cores(), "cores": os.cpu_count()}
     client = redis.Redis.from_url(redis_url)
     try:
@@ -602,14 +605,17 @@ def _brief(r: dict[str, Any]) -> str:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["gateway: phase    clients  p50 ms  p99 ms  delivered/s  expected/s  dropped  CPU cores  peak RSS MB"]
+    lines = ["gateway: phase    clients  p50 ms  p99 ms  delivered/s  expected/s    MB/s  dropped  CPU cores  "
+             "waited  peak RSS MB  load avg"]
     for phase in (p for p in PHASES if p in results):
         r = results[phase]
         lines.append(f"gateway: {phase:<8} {r['clients']:>7}  {r['p50_ms']!s:>6}  {r['p99_ms']!s:>6}  "
-                     f"{r['delivered_per_s']:>11,}  {r['expected_per_s']:>10,}  {r['dropped_clients']:>7}  "
-                     f"{r['gateway_cpu_cores']:>9}  {r['gateway_peak_rss_mb']:>11}")
+                     f"{r['delivered_per_s']:>11,}  {r['expected_per_s']:>10,}  {r['delivered_mb_per_s']:>6}  "
+                     f"{r['dropped_clients']:>7}  {r['gateway_cpu_cores']:>9}  {r['gateway_runqueue_wait_cores']:>6}  "
+                     f"{r['gateway_peak_rss_mb']:>11}  {r['load_average_before'][0]}/{r['load_average_after'][0]}")
     lines.append(f"gateway: machine busy before/after: {results['machine_busy_cores_before']}/"
-                 f"{results['machine_busy_cores_after']} of {results['cores']} cores")
+                 f"{results['machine_busy_cores_after']} of {results['cores']} cores; clients "
+                 f"{'offer' if results.get('deflate', True) else 'do not offer'} permessage-deflate")
     return "\n".join(lines)
 
 

@@ -5,8 +5,10 @@ docs/gateway.md); the stream is read by one thread (:class:`StreamReader`). Per 
 client limit (1013), the origin check (403 before the upgrade), authentication (a token on the URL
 or an auth message within 5 s; 1008 when refused), then subscribe/unsubscribe messages. Every
 GATEWAY_FLUSH_MS the flush loop takes the devices changed since the last flush, builds each group's
-update once, offers it to the group's clients, and closes the clients that have not drained their
-updates for GATEWAY_SLOW_CLIENT_S (1013).
+update once (its frames too, :mod:`processor.gateway.frames`), offers it to the group's clients (written
+at once to those with nothing unsent), and closes the clients that have not drained their updates for
+GATEWAY_SLOW_CLIENT_S (1013). permessage-deflate is negotiated without context takeover, so that a
+message is compressed once for all the clients that negotiated it.
 
 Stop sequence (:meth:`Gateway._shutdown`), under SHUTDOWN_TIMEOUT_S: close the listening socket and
 every connection (1001, going away), stop the stream reader (within BLOCK_MS), close Redis.
