@@ -567,7 +567,8 @@ def run(redis_url: str, admin_url: str, *, quick: bool = False,
     _admin(admin_url, f'CREATE DATABASE "{db}"')
     pg_url = _with_db(admin_url, db)
     _admin(pg_url, schema_sql())
-    results: dict[str, Any] = {"scale": asdict(scale), "quick": quick, "targets": TARGETS, "deflate": deflate,
+    results: dict[str, Any] = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "scale": asdict(scale), "quick": quick, "targets": TARGETS, "deflate": deflate,
                                "machine_busy_cores_before": _machine_busy_cores(), "cores": os.cpu_count()}
     client = redis.Redis.from_url(redis_url)
     try:
