@@ -27,9 +27,10 @@ RUN groupadd --gid 10001 telemetry \
 WORKDIR /app
 
 # Dependencies first, read from pyproject.toml alone: this layer is rebuilt when
-# the dependency list changes, not on every edit of the source.
+# the dependency list changes, not on every edit of the source. The gateway
+# extra too: the same image runs the live gateway (command `gateway`).
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *p['optional-dependencies']['gateway'], sep=chr(10))" \
         > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt

@@ -1,10 +1,10 @@
-# make run | make simulate | make test | make faults | make soak | make demo | make bench | make lint | make build
+# make run | make simulate | make gateway | make test | make faults | make soak | make demo | make bench | make lint | make build
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run simulate test faults soak demo bench lint build clean
+.PHONY: venv run simulate gateway test faults soak demo bench lint build clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ run: venv
 simulate: venv
 	$(PY) processor.py simulate --devices 20 --rate 20
 
+# The live gateway (docs/gateway.md), beside `make run`: GATEWAY_TOKEN_SECRET (or GATEWAY_PUBLIC=true) in .env.
+gateway: venv
+	$(PY) -m processor.devservers -- $(PY) processor.py gateway
+
 # The test command (README, .ci/run): the whole suite, fault scenarios included.
 test: venv
 	$(PY) -m pytest
@@ -35,7 +39,7 @@ faults: venv
 soak: venv
 	$(PY) -m pytest -m soak -rP tests/faults/test_soak.py
 
-# The service and the simulator together; throwaway servers for any URL where nothing answers.
+# The processor, the simulator and the live gateway together; prints the live map's URL.
 demo: venv
 	$(PY) -m processor.devservers --demo -- $(PY) processor.py run
 

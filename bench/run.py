@@ -59,6 +59,8 @@ from processor.core.decode import Decoder, dumps_attributes  # noqa: E402
 from processor.core.types import Position  # noqa: E402
 from processor.simulate import Fleet  # noqa: E402
 
+import gateway as gateway_bench  # noqa: E402  (bench/gateway.py: the live gateway's section)
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 COLUMNS = ("device_id, ts, latitude, longitude, altitude, angle, speed, satellites, priority, "
@@ -804,7 +806,8 @@ def run(scale: Scale, redis_url: str, admin_url: str, only: set[str] | None = No
                  ("baseline", lambda: run_baseline(bench, template, scale)),
                  ("latency", lambda: run_latency(bench, scale)),
                  ("memory", lambda: run_memory(bench, scale)),
-                 ("scale_out", lambda: run_scale_out(bench, template, scale))]
+                 ("scale_out", lambda: run_scale_out(bench, template, scale)),
+                 ("gateway", lambda: gateway_bench.section(redis_url, admin_url, scale is QUICK))]
         for name, step in steps:
             if only and name not in only:
                 continue

@@ -5,6 +5,7 @@
     python processor.py replay [...]     process entries stuck pending (for cron)
     python processor.py dead-letters ... list or redrive dead letters
     python processor.py simulate [...]   publish synthetic positions
+    python processor.py gateway          the live gateway (CONTRACT 9; processor.gateway)
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--duration", type=_positive_float, default=None, help="stop after this many seconds")
     sim.add_argument("--count", type=_positive, default=None, help="stop after this many positions")
     sim.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable fleet")
+    from .gateway.command import env_help as gateway_env_help
+
+    sub.add_parser("gateway", help="the live gateway: positions from the stream to WebSocket clients and a map",
+                   epilog=gateway_env_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     return parser
 
 
@@ -135,6 +140,10 @@ def install_signal_handlers(stop: threading.Event, *, timeout_s: float) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "gateway":  # its own configuration and process (CONTRACT 9)
+        from .gateway.command import main as gateway_main
+
+        return gateway_main(install_signal_handlers)
     try:
         config = load_config()
     except ConfigError as exc:

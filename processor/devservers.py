@@ -682,6 +682,21 @@ def _simulator_command() -> list[str]:
     return base + ["simulate", "--devices", "20", "--rate", "20"]
 
 
+def _demo_gateway(env: Mapping[str, str]) -> tuple[list[str], dict[str, str], str]:
+    """The demo's live gateway: its command, its environment and the page's URL (with a token when
+    GATEWAY_TOKEN_SECRET is set; else the demo's gateway is public)."""
+    env = dict(env)
+    url = f"http://127.0.0.1:{env.get('GATEWAY_PORT') or '8765'}/"
+    secret = env.get("GATEWAY_TOKEN_SECRET")
+    if secret:
+        from .gateway.auth import mint
+
+        url += "#access_token=" + mint(secret, issuer=env.get("GATEWAY_TOKEN_ISSUER") or "directus", ttl_s=86400)
+    else:
+        env["GATEWAY_PUBLIC"] = "true"
+    return _simulator_command()[:-5] + ["gateway"], env, url
+
+
 def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
@@ -702,6 +717,9 @@ def _supervise(command: Sequence[str], env: dict[str, str], *, demo: bool) -> in
         children.append(service)
         if demo:
             children.append(subprocess.Popen(_simulator_command(), env=env, process_group=0))
+            command, gateway_env, url = _demo_gateway(env)
+            children.append(subprocess.Popen(command, env=gateway_env, process_group=0))
+            _say(f"live map: {url}")
         while True:
             while received:
                 signum = received.pop(0)
@@ -738,7 +756,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         description="Run CMD with REDIS_URL/POSTGRES_URL pointing at servers that answer, "
                     "starting throwaway local ones when nothing answers.")
     parser.add_argument("--demo", action="store_true",
-                        help="also run the simulator (20 devices, 20 positions/s) while CMD runs")
+                        help="also run the simulator (20 devices, 20 positions/s) and the live gateway "
+                             "while CMD runs, and print the live map's URL")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     args = parser.parse_args(argv)
     if args.command and args.command[0] == "--":

@@ -197,7 +197,9 @@ def test_dockerfile_dependency_list_is_exactly_pyprojects(dockerfile: list[tuple
     assert result.returncode == 0, result.stderr
     printed = result.stdout.splitlines()
     with open(ROOT / "pyproject.toml", "rb") as f:
-        expected = tomllib.load(f)["project"]["dependencies"]
+        project = tomllib.load(f)["project"]
+    # the gateway extra too: the same image runs `gateway` (docker-compose.yml)
+    expected = project["dependencies"] + project["optional-dependencies"]["gateway"]
     assert printed == expected
     assert any(line.startswith("psycopg2") for line in printed)
 
@@ -271,7 +273,7 @@ def _container_ports(service: dict) -> set[int]:
 
 def test_compose_databases(compose: dict) -> None:
     services = compose["services"]
-    assert set(services) == {"timescaledb", "redis", "processor"}
+    assert set(services) == {"timescaledb", "redis", "processor", "gateway"}
     pg, rd = services["timescaledb"], services["redis"]
     assert pg["image"] == "${TIMESCALEDB_IMAGE:-timescale/timescaledb:latest-pg16}"
     assert pg["environment"]["POSTGRES_PASSWORD"] == "postgres"  # tests/conftest.py connects with it
