@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
 import threading
 from typing import Sequence
@@ -22,7 +20,7 @@ from . import __version__
 from .core.config import _SPEC, Config, load_config
 from .core.errors import ConfigError, ProcessorError, TransientError
 from .core.logs import setup_logging
-from .core.stop import StopEvent
+from .core.stop import StopEvent, install_signal_handlers
 from .core.redact import redact, register_secrets
 
 log = logging.getLogger("processor")
@@ -107,43 +105,12 @@ def _non_negative(text: str) -> int:
     return value
 
 
-# After the stop request, how long past SHUTDOWN_TIMEOUT_S the process may take before the
-# signal thread ends it: the stop sequence's own steps are bounded by the deadline; this is the
-# backstop for a call that no timeout reaches.
-DEADLINE_GRACE_S = 1.5
-STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
-
-
-def install_signal_handlers(stop: threading.Event, *, timeout_s: float) -> None:
-    """SIGTERM/SIGINT set ``stop``; a second one exits at once (status 1); and if the process is
-    still alive ``timeout_s`` + DEADLINE_GRACE_S after the first, it exits 1 then.
-
-    The signals are taken by a thread of their own (``sigwait``), not by a Python handler: a
-    Python handler only runs in the main thread between bytecodes, so a main thread inside
-    libpq (connecting to a server that does not answer, waiting for a lock) would see the
-    first signal late and a second one merged into it. Called before any other thread
-    starts, so that every thread inherits the blocked mask and only this one takes them
-    (a child process would inherit it too: the service starts none).
-    """
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-
-    def watch() -> None:
-        signal.sigwait(STOP_SIGNALS)
-        stop.set()  # the main loop does the rest: stop reading, drain, acknowledge, close
-        if signal.sigtimedwait(STOP_SIGNALS, timeout_s + DEADLINE_GRACE_S) is None:
-            log.error("stop did not finish within SHUTDOWN_TIMEOUT_S=%s; exiting now (entries not "
-                      "settled stay pending)", timeout_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="signals", daemon=True).start()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "gateway":  # its own configuration and process (CONTRACT 9)
         from .gateway.command import main as gateway_main
 
-        return gateway_main(install_signal_handlers)
+        return gateway_main()
     try:
         config = load_config()
     except ConfigError as exc:

@@ -307,7 +307,8 @@ def test_compose_database_images_can_be_overridden(compose: dict, env: dict[str,
     text = (ROOT / "docker-compose.yml").read_text()
     assert not re.findall(r"\$\{\w+\}", text)
     assert set(re.findall(r"\$\{(\w+):-", text)) == {"TIMESCALEDB_IMAGE", "REDIS_IMAGE", "TP_POSTGRES_PORT",
-                                                     "TP_REDIS_PORT", "TP_METRICS_PORT"}
+                                                     "TP_REDIS_PORT", "TP_METRICS_PORT", "TP_GATEWAY_PORT",
+                                                     "TP_GATEWAY_SECRET", "TP_GATEWAY_PUBLIC"}
 
 
 def test_compose_processor(compose: dict) -> None:

@@ -191,8 +191,8 @@ class Client:
 
     def _next(self) -> Writing | None:
         if self.replies:
-            message, done = self.replies.popleft()
-            return Writing(message, None, None, done)  # short: uncompressed
+            reply, done = self.replies.popleft()
+            return Writing(reply, None, None, done)  # short: uncompressed
         while self.pending:
             uid = next(iter(self.pending))
             item = self.pending.pop(uid)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 
 from ..core.errors import ConfigError
 from ..core.logs import setup_logging
 from ..core.redact import register_secrets
+from ..core.stop import StopEvent, install_signal_handlers
 from .config import SPEC, GatewayConfig, load_gateway_config
 
 EXIT_CONFIG = 2
@@ -31,7 +31,7 @@ def env_help() -> str:
     return "\n".join(lines)
 
 
-def main(install_signal_handlers) -> int:  # noqa: ANN001 - processor.cli's, passed in to avoid a cycle
+def main() -> int:
     try:
         config = load_gateway_config()
     except ConfigError as exc:
@@ -41,8 +41,8 @@ def main(install_signal_handlers) -> int:  # noqa: ANN001 - processor.cli's, pas
     setup_logging(config.core.log_level, config.core.log_format)
     # websockets logs every refused handshake and every plain HTTP answer at info: keep its warnings only.
     logging.getLogger("websockets").setLevel(logging.WARNING)
-    stop = threading.Event()
-    install_signal_handlers(stop)
+    stop = StopEvent()
+    install_signal_handlers(stop, timeout_s=config.core.shutdown_timeout_s)
     try:
         from .server import Gateway
     except ImportError as exc:

@@ -38,6 +38,7 @@ from ..core.decode import Decoder
 from ..core.errors import TransientError
 from ..core.health import Health
 from ..core.redact import redact
+from ..core.stop import deadline as stop_deadline
 from ..domain.visibility import Visibility, default_visibility
 from . import protocol
 from .auth import LEEWAY_S, AuthError, TokenVerifier
@@ -417,7 +418,7 @@ class Gateway:
     # --- stop ---
 
     async def _shutdown(self, server: Any, flush: asyncio.Task[None] | None) -> int:
-        deadline = time.monotonic() + self.config.core.shutdown_timeout_s
+        deadline = stop_deadline(self.stop_event, self.config.core.shutdown_timeout_s)  # from the signal
         self.stop_event.set()
         self.accepting = False
         # 1. No new connections; every open one is closed with 1001 (going away) and its handler ends.
