@@ -47,6 +47,10 @@ class Health:
     def postgres_age(self) -> float:
         return time.monotonic() - self._postgres[0]
 
+    def postgres_ok(self) -> bool:
+        """True when the latest PostgreSQL outcome was a success."""
+        return self._postgres[1] is None
+
     def problem(self, name: str, reason: str | None) -> None:
         """A standing problem (``reason``) or its end (None), e.g. dead letters Redis refuses to store:
         it keeps the service not ready even while reads and writes succeed."""

@@ -86,7 +86,7 @@ class Monitor:
         wait on a lock, are refused for privilege or hit a read-only server. When no write has
         said anything recently, the writer's probe (a zero-row INSERT) asks."""
         writable, why = self.writer.writable()
-        if writable and self.health.postgres_age() < self.interval_s:
+        if writable and self.health.postgres_ok() and self.health.postgres_age() < self.interval_s:
             return  # a write said so recently enough
         if not writable:
             self.health.postgres_result(why)

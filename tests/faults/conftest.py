@@ -49,13 +49,17 @@ def fleet_entries(n: int, *, devices: int = 500, seed: int = 5) -> list[dict[byt
 
 
 def publish_entries(client: redis.Redis, stream: str, entries: Iterable[Fields],
-                    chunk: int = 1000) -> dict[str, Fields]:
-    """XADD each entry with its fields as given; entry id -> fields, in stream order."""
+                    chunk: int = 1000, atomic: bool = False) -> dict[str, Fields]:
+    """XADD each entry with its fields as given; entry id -> fields, in stream order.
+
+    ``atomic``: each chunk in one MULTI/EXEC, so a running service reads it as one batch (not as
+    several small ones that meet the in-flight bound when the write is meant to wait).
+    """
     published: dict[str, Fields] = {}
     batch: list[Fields] = []
 
     def flush() -> None:
-        pipe = client.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=atomic)
         for fields in batch:
             pipe.xadd(stream, dict(fields))
         for entry_id, fields in zip(pipe.execute(), batch):

@@ -45,7 +45,7 @@ def _write_waiting(fault_env, redis_client, keys, pg, proxy, n: int = 300):
     with ServiceProcess(env) as proc:
         proc.wait_for_log("processor ready")
         proxy.freeze()
-        published = publish_entries(redis_client, keys["stream"], fleet_entries(n, devices=30, seed=7))
+        published = publish_entries(redis_client, keys["stream"], fleet_entries(n, devices=30, seed=7), atomic=True)
         wait_or_explain(proc, lambda: pending_count(redis_client, keys["stream"], keys["group"]) == n, 20, 0.05,
                         "the batch read and its write under way")
         time.sleep(0.5)  # the write is now inside libpq, waiting for an answer that never comes
