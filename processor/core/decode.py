@@ -192,24 +192,16 @@ class Decoder:
 
     def decode(self, fields: Mapping[bytes, bytes], now: float | None = None) -> Position | Rejection:
         """One entry's fields -> a Position, or a Rejection. Never raises."""
-        if now is None:
-            now = time.time()
-        # The usual entry, a dict with one bytes payload within the limits, takes the typed way.
-        payload = fields.get(_PAYLOAD) if type(fields) is dict and len(fields) <= MAX_FIELDS else None
-        if type(payload) is bytes and 0 < len(payload) <= self._max_payload_bytes:
-            position = self._typed_batch([payload], self._window(now))[0]
-            if position is not None:
-                return position
-        return self._exact(fields, now)
+        return self.decode_batch((fields,), time.time() if now is None else now)[0]
 
-    def decode_batch(self, payloads: Sequence[Any], now: float) -> list[Position | Rejection]:
-        """``decode({b"payload": p}, now)`` for each payload of a batch: the same results, in order,
-        with the per-batch work (the time window) done once and no call per entry. Never raises."""
-        results: list[Any] = self._typed_batch(payloads, self._window(now))
+    def decode_batch(self, entries: Sequence[Mapping[bytes, bytes]], now: float) -> list[Position | Rejection]:
+        """``[decode(fields, now) for fields in entries]``, the same results in order, with the
+        per-batch work (the time window) done once and no Python call per entry. Never raises."""
+        results: list[Any] = self._typed_batch(entries, self._window(now))
         if None in results:
             for i, result in enumerate(results):
                 if result is None:
-                    results[i] = self._exact({_PAYLOAD: payloads[i]}, now)
+                    results[i] = self._exact(entries[i], now)
         return results
 
     def _exact(self, fields: Any, now: float) -> Position | Rejection:
@@ -237,7 +229,7 @@ class Decoder:
 
     def _typed(self, raw: bytes, now: float) -> Position | None:
         """The typed way for one payload (None: it declined)."""
-        return self._typed_batch([raw], self._window(now))[0]
+        return self._typed_batch(({_PAYLOAD: raw},), self._window(now))[0]
 
     def _window(self, now: float) -> tuple[datetime, int]:
         """The latest allowed timestamp for ``now``, as a datetime and as epoch milliseconds."""
@@ -249,9 +241,9 @@ class Decoder:
             window = self._limit_ms = (limit, (limit - EPOCH) // _ONE_MS)
         return window  # type: ignore[return-value]
 
-    def _typed_batch(self, payloads: Sequence[Any], window: tuple[datetime, int]) -> list[Position | None]:
-        """The Position of each payload that passes every check, decoded and type-checked by msgspec
-        in one C call (``_Typed``); None wherever anything is unusual: then :meth:`_exact` decides.
+    def _typed_batch(self, entries: Sequence[Any], window: tuple[datetime, int]) -> list[Position | None]:
+        """The Position of each entry that passes every check, its payload decoded and type-checked by
+        msgspec in one C call (``_Typed``); None wherever anything is unusual: then :meth:`_exact` decides.
 
         It must never accept what the exact way rejects nor give another Position. Whatever
         msgspec refuses goes the exact way, and so does every case where msgspec and orjson could
@@ -267,7 +259,9 @@ class Decoder:
         typed_decode, seconds_cache, millis_table = _TYPED_DECODE, _SECONDS, _MILLIS
         positions: list[Position | None] = []
         append = positions.append
-        for raw in payloads:
+        for fields in entries:
+            # The usual entry: a dict, at most MAX_FIELDS fields, a bytes payload within the limit.
+            raw = fields.get(_PAYLOAD) if type(fields) is dict and len(fields) <= MAX_FIELDS else None
             if type(raw) is not bytes or not 0 < len(raw) <= most:
                 append(None)
                 continue
