@@ -304,10 +304,11 @@ class Decoder:
                     (speed and speed < REAL_MIN):
                 append(None)
                 continue
-            # Sentinels are looked for only where there can be one: a nested object or array, a key
-            # starting with "_", an escape (\\u005f is "_"). A flat object of scalars holds none, and
-            # msgspec already held its integers to 64 bits.
-            if attributes and (escaped or raw.count(b"{") > 2 or raw.find(b"[") >= 0 or raw.find(b"_") >= 0) \
+            # Sentinels are looked for only where there can be one: a nested object (a third "{") or
+            # array, a key starting with "_", an escape (\\u005f is "_"); each test one memchr. A flat
+            # object of scalars holds none, and msgspec already held its integers to 64 bits.
+            if attributes and (escaped or raw.find(b"_") >= 0 or raw.find(b"[") >= 0
+                               or raw.find(b"{", raw.find(b"{", raw.find(b"{") + 1) + 1) >= 0) \
                     and not _typed_attributes(attributes):
                 append(None)
                 continue
