@@ -152,6 +152,14 @@ DIVERGENT = [
     b'{"device_id":"tab\\there","timestamp":1714558530250,"latitude":1,"longitude":2}',
     b'{"device_id":"\xc2\xb2\xc3\xa9","timestamp":1714558530250,"latitude":1,"longitude":2}',
     b' {"device_id":"x","timestamp":1714558530250,"latitude":1,"longitude":2}\n',
+    # tcp-ingestion's ISO form, whose second is cached once the exact parser accepted it
+    b'{"device_id":"x","timestamp":"2024-05-01T10:15:30.123Z","latitude":1,"longitude":2}',
+    b'{"device_id":"x","timestamp":"2024-05-01T10:15:30.999Z","latitude":1,"longitude":2}',
+    b'{"device_id":"x","timestamp":"2024-05-01T10:15:30.12aZ","latitude":1,"longitude":2}',
+    b'{"device_id":"x","timestamp":"2024-05-01T10:15:30.\xef\xbc\x91\xef\xbc\x92\xef\xbc\x93Z","latitude":1,"longitude":2}',
+    b'{"device_id":"x","timestamp":"2024-05-01T10:15:30.123+","latitude":1,"longitude":2}',
+    b'{"device_id":"x","timestamp":"2024-02-30T10:15:30.123Z","latitude":1,"longitude":2}',
+    b'{"device_id":"x","timestamp":"1999-12-31T23:59:59.999Z","latitude":1,"longitude":2}',
     b'{"device_id":"x","timestamp":1714558530250,"latitude":1,"longitude":2,"attributes":null}',
 ]
 
