@@ -235,7 +235,7 @@ class Pipeline:
         results = self.decoder.decode_batch(fieldss, now)
         append = records.append
         new_record = _new_record
-        for (entry_id, fields, deliveries), result in zip(kept, results):
+        for (entry_id, _, deliveries), fields, result in zip(kept, fieldss, results):
             payload = fields.get(b"payload", b"")
             if type(result) is Rejection:
                 if result.reason == MISSING_PAYLOAD:

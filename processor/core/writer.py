@@ -786,7 +786,7 @@ def _copy_text_fast(batch: list[Record]) -> bytes | None:
         return None  # NaN or infinity somewhere
     rows = text[2:-2].replace(b",null", b",\\N").replace(b'"', b"").replace(b",", b"\t").split(b"]\t[")
     inner = _attributes_inner(positions)
-    if inner is None or len(inner) != len(rows):  # the rare batch whose attributes cannot be cut apart exactly: one dumps() a row
+    if inner is None or len(inner) != len(rows):  # attributes not cut apart exactly (rare): a dumps() a row
         attrs = [dumps(a) if a else b"{}" for a in map(_ATTRIBUTES, positions)]
         return b"".join([row + b"\t" + (a.replace(b"\\", b"\\\\") if b"\\" in a else a) + b"\n"
                          for row, a in zip(rows, attrs)])
