@@ -1,8 +1,16 @@
 """Stream entry -> Position, or a Rejection saying why it can never be stored (CONTRACT 1, 1.1, 1.2).
 
-This is the hot path: every entry goes through :meth:`Decoder.decode` once. It never
-raises, whatever the entry holds: the result is always a :class:`Position` or a
-:class:`Rejection` with a reason from :data:`processor.core.types.REASONS`.
+This is the hot path: every entry goes through :meth:`Decoder.decode` (or, a batch at a
+time, :meth:`Decoder.decode_batch`) once. It never raises, whatever the entry holds: the
+result is always a :class:`Position` or a :class:`Rejection` with a reason from
+:data:`processor.core.types.REASONS`.
+
+Two ways, one result (issue 13). The **typed way** decodes and checks a payload in one
+msgspec call (``_Typed``: the fields, their types and ranges) and accepts only what passes
+every rule below; it declines everything else, and every case where msgspec and orjson could
+read the same text differently. The **exact way** (orjson, then the checks in the order
+below) decides what the typed way declines, and alone names rejections: reasons and details
+are its own. tests/test_decode_typed.py checks that both ways agree.
 
 Order of the checks (the first that fails gives the reason):
 
