@@ -1,6 +1,16 @@
-"""The side-by-side benchmark of issue 6: one command, one run, everything on the same machine and data.
+"""The side-by-side benchmark (issues 6, 12, 13): one command, one run, everything on the same machine and data.
 
-    .venv/bin/python bench/run.py [--quick] [--out bench/results.json]
+    .venv/bin/python bench/run.py [--quick] [--out bench/results.json] [--backends plain,timescaledb]
+
+Every section runs once per backend, each in its own fresh database of that kind:
+
+- ``plain``: a plain ``positions`` table on the server of POSTGRES_URL (the machine's PostgreSQL);
+- ``timescaledb``: ``positions`` as a TimescaleDB hypertable (1-day chunks, from the same
+  ``schema.sql``), on ``--timescaledb-url`` if given, else on a throwaway PostgreSQL started
+  here with ``timescaledb`` preloaded and the plain server's performance settings copied
+  (shared_buffers, fsync, WAL and checkpoint settings...), so that the two columns differ
+  by the table kind only. Skipped, with the reason in the JSON and the table, when the
+  extension is not installed.
 
 Contenders and measures (each on a fresh database and a fresh stream):
 
@@ -19,6 +29,11 @@ Contenders and measures (each on a fresh database and a fresh stream):
    loop settles the batch, after commit: an upper bound);
 5. memory: VmHWM of the service after positions from ``memory_devices`` devices;
 6. scale-out: 1, 2 and 3 instances in one group, timed like 1.
+
+``--py-spy DIR`` adds one more catch-up per backend, after the timed ones (the sampler
+takes CPU too, so it never runs during a timed section), profiled by ``py-spy record``
+(``pip install py-spy``; not a dependency): ``DIR/<backend>.txt`` in py-spy's raw
+(collapsed) format, summarised by ``bench/profile_summary.py``.
 
 Prints a table and writes the JSON (``--out``). Uses REDIS_URL and POSTGRES_URL
 (a maintenance database: CREATE DATABASE is run there), localhost defaults.
@@ -58,7 +73,6 @@ from processor.core.db import schema_sql  # noqa: E402
 from processor.core.decode import Decoder, dumps_attributes  # noqa: E402
 from processor.core.types import Position  # noqa: E402
 from processor.simulate import Fleet  # noqa: E402
-
 import gateway as gateway_bench  # noqa: E402  (bench/gateway.py: the live gateway's section)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -67,8 +81,16 @@ COLUMNS = ("device_id, ts, latitude, longitude, altitude, angle, speed, satellit
            "event_id, attributes")
 POLL_S = 0.01  # how often the group's lag and pending count are read while a contender runs
 SEED = 6  # the issue's number: the same fleet on every run
-TARGETS = {"catch_up_vs_ceiling": 0.40, "catch_up_vs_baseline": 4.0, "latency_p99_ms": 200.0,
-           "peak_rss_mb": 300.0}
+# Issue 13's targets (ratios within one run, on each backend; latency and memory: no regression).
+TARGETS = {"catch_up_vs_ceiling": 0.45, "catch_up_vs_baseline": 4.0, "latency_p99_ms": 100.0,
+           "peak_rss_mb": 200.0}
+BACKENDS = ("plain", "timescaledb")
+BACKEND_LABELS = {"plain": "plain PostgreSQL table", "timescaledb": "TimescaleDB hypertable"}
+# Copied from the plain server to the throwaway TimescaleDB one: what changes a write's cost.
+COPIED_SETTINGS = ("shared_buffers", "fsync", "full_page_writes", "synchronous_commit", "wal_level",
+                   "wal_buffers", "max_wal_size", "min_wal_size", "checkpoint_timeout",
+                   "checkpoint_completion_target", "autovacuum", "jit", "work_mem", "maintenance_work_mem",
+                   "wal_compression", "effective_io_concurrency")
 
 
 @dataclass(frozen=True)
@@ -95,14 +117,22 @@ def log(message: str) -> None:
 # --- the servers ---------------------------------------------------------------------------
 
 class Bench:
-    """The servers, the run's unique names, and clean-up of every database and key it made."""
+    """One backend's server, the run's unique names, and clean-up of every database and key it made.
 
-    def __init__(self, redis_url: str, admin_url: str) -> None:
+    ``backend`` says what kind of ``positions`` its fresh databases must hold (checked on
+    each). Benches of one run share Redis and the work directory (the template streams,
+    the COPY file): only the one that made the directory removes it.
+    """
+
+    def __init__(self, redis_url: str, admin_url: str, *, backend: str = "plain",
+                 workdir: Path | None = None) -> None:
         self.redis_url = redis_url
         self.admin_url = admin_url
+        self.backend = backend
         self.redis = redis.Redis.from_url(redis_url)
         self.tag = uuid.uuid4().hex[:8]
-        self.workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+        self._owns_workdir = workdir is None
+        self.workdir = workdir if workdir is not None else Path(tempfile.mkdtemp(prefix="bench-"))
         self._databases: list[str] = []
         self._keys: list[str] = []
         self._counter = 0
@@ -126,17 +156,24 @@ class Bench:
             conn.close()
 
     def fresh_database(self, what: str) -> str:
-        """CREATE DATABASE and apply the schema; returns its URL."""
+        """CREATE DATABASE and apply the schema; returns its URL. Raises if ``positions`` is not
+        of the bench's kind (a hypertable for ``timescaledb``, a plain table for ``plain``)."""
         name = self.name(what)
         self.admin(f'CREATE DATABASE "{name}"')
         self._databases.append(name)
         url = urlunsplit(urlsplit(self.admin_url)._replace(path="/" + name))
         conn = psycopg2.connect(url)
         conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("SET client_min_messages = warning")
-            cur.execute(schema_sql())
-        conn.close()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET client_min_messages = error")  # schema.sql's plain-table WARNING
+                cur.execute(schema_sql())
+            kind = table_kind(conn)
+        finally:
+            conn.close()
+        wanted = "hypertable" if self.backend == "timescaledb" else "plain"
+        if kind != wanted:
+            raise RuntimeError(f"{self.backend}: positions in {name} is a {kind} table, not {wanted}")
         return url
 
     def drop_database(self, url: str) -> None:
@@ -158,7 +195,62 @@ class Bench:
         if self._keys:
             self.redis.delete(*self._keys)
         self.redis.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def table_kind(conn: Any) -> str:
+    """``hypertable`` when ``positions`` is one (TimescaleDB), else ``plain``."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
+        if not cur.fetchone()[0]:
+            return "plain"
+        cur.execute("SELECT count(*) FROM timescaledb_information.hypertables WHERE hypertable_name = 'positions'")
+        return "hypertable" if cur.fetchone()[0] else "plain"
+
+
+def server_settings(admin_url: str, names: Sequence[str] = COPIED_SETTINGS) -> dict[str, str]:
+    """The named settings of a server, as ``postgresql.conf`` values (units included, quoted)."""
+    conn = psycopg2.connect(admin_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY(%s)", (list(names),))
+            return {name: "'" + value.replace("'", "''") + "'" for name, value in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def timescaledb_missing(timescaledb_url: str | None) -> str | None:
+    """Why there can be no TimescaleDB backend here, or None: a given server, or the library beside
+    this machine's PostgreSQL for a throwaway one (the test suite's own check)."""
+    if timescaledb_url:
+        return None
+    from processor.devservers import postgres_bindir, timescaledb_installed
+    if postgres_bindir() is None:
+        return "PostgreSQL server binaries (initdb, postgres) are not installed"
+    if not timescaledb_installed():
+        return "the TimescaleDB library is not installed beside this PostgreSQL"
+    return None
+
+
+@contextmanager
+def timescaledb_server(plain_url: str, url: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(maintenance URL, description) of a TimescaleDB server: ``url`` if given, else a throwaway
+    one with timescaledb preloaded and the plain server's performance settings."""
+    if url:
+        yield url, {"server": "given (--timescaledb-url)"}
+        return
+    from processor.devservers import TIMESCALEDB_SETTINGS, ThrowawayPostgres
+    settings = server_settings(plain_url)
+    settings.update(TIMESCALEDB_SETTINGS)  # as the test suite's servers: preloaded, telemetry off, no jobs
+    settings["max_connections"] = "100"
+    server = ThrowawayPostgres(settings=settings)
+    try:
+        server.start()
+        yield server.url, {"server": "throwaway, settings copied from the plain server",
+                           "settings": {k: v.strip("'") for k, v in settings.items()}}
+    finally:
+        server.cleanup()
 
 
 def count_rows(url: str) -> int:
@@ -195,7 +287,15 @@ def machine(bench: Bench) -> dict[str, Any]:
         "python": platform.python_version(), "postgresql": pg_version,
         "redis": bench.redis.info("server")["redis_version"], "redis_py": redis.__version__,
         "hiredis": hiredis_version, "psycopg2": psycopg2.__version__.split()[0], "orjson": orjson.__version__,
+        "msgspec": _version_of("msgspec"),
     }
+
+
+def _version_of(module: str) -> str | None:
+    try:
+        return str(__import__(module).__version__)
+    except ImportError:
+        return None
 
 
 # --- the data ------------------------------------------------------------------------------
@@ -348,20 +448,31 @@ def dead_letters(client: redis.Redis, env: dict[str, str]) -> int:
 
 
 def drain_run(bench: Bench, argvs: Sequence[list[str]], stream: str, total: int, pg_url: str,
-              timeout: float, **extra: str) -> dict[str, Any]:
-    """Start one process per argv (one group, distinct consumers), time the drain, stop, count."""
+              timeout: float, profile: Path | None = None, **extra: str) -> dict[str, Any]:
+    """Start one process per argv (one group, distinct consumers), time the drain, stop, count.
+
+    ``profile``: attach py-spy to the first process once it has started (the figures of
+    such a run are not comparable: the sampler competes for the CPU)."""
     group = "bench"
     envs = [service_env(bench, pg_url, stream, group, f"bench-{i + 1}", **extra) for i in range(len(argvs))]
     bench.checkpoint()
     redis_cpu = redis_cpu_s(bench.redis)
     instances = [spawn(bench, argv, env, f"{Path(argv[1]).stem}-{i + 1}")
                  for i, (argv, env) in enumerate(zip(argvs, envs))]
+    profiler = None
     try:
+        if profile is not None:
+            wait_consumer(bench.redis, stream, group, "bench-1", instances[0], timeout)
+            profiler = start_profiler(instances[0].proc.pid, profile)
         first_read, done = wait_drained(bench.redis, stream, group, total, instances, timeout)
         hwm = [vm_hwm_mb(inst.proc.pid) for inst in instances]
         cpu = cpu_breakdown(instances, pg_url, redis_cpu_s(bench.redis) - redis_cpu, total)
     finally:
         codes = stop(instances)
+        if profiler is not None:
+            _, err = profiler.communicate(timeout=60)  # py-spy writes its file when the process ends
+            if not profile.exists():
+                log(f"py-spy wrote no profile: {err.decode(errors='replace')[-500:]}")
     started = instances[0].started
     rows = count_rows(pg_url)
     letters = sum(dead_letters(bench.redis, env) for env in envs)
@@ -437,14 +548,29 @@ def vm_hwm_mb(pid: int) -> float | None:
 
 # --- the contenders ------------------------------------------------------------------------
 
-def run_catch_up(bench: Bench, template: str, scale: Scale) -> dict[str, Any]:
+def run_catch_up(bench: Bench, template: str, scale: Scale, profile: Path | None = None) -> dict[str, Any]:
     pg_url = bench.fresh_database("catchup")
     stream = copy_stream(bench, template)
     try:
-        return drain_run(bench, [service_argv()], stream, scale.positions, pg_url, scale.timeout_s)
+        return drain_run(bench, [service_argv()], stream, scale.positions, pg_url, scale.timeout_s,
+                         profile=profile)
     finally:
         bench.drop_database(pg_url)
         bench.redis.delete(stream)
+
+
+PY_SPY_RATE = 250  # samples a second; py-spy's own CPU stays small next to the service's
+
+
+def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """``py-spy record`` of ``pid`` (every thread, on-CPU samples only) into ``out``, raw format."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        raise RuntimeError("--py-spy needs py-spy (pip install py-spy)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", str(PY_SPY_RATE), "--format", "raw",
+                             "--threads", "--nonblocking", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def run_baseline(bench: Bench, template: str, scale: Scale) -> dict[str, Any]:
@@ -512,14 +638,12 @@ def _timed_copy(conn: Any, copy_file: Path) -> tuple[str, float]:
         return "COPY FROM STDIN", time.perf_counter() - started
 
 
-def run_memory(bench: Bench, scale: Scale) -> dict[str, Any]:
-    """Peak RSS once positions from ``memory_devices`` distinct devices are in the state."""
+def run_memory(bench: Bench, template: str, scale: Scale) -> dict[str, Any]:
+    """Peak RSS once positions from ``memory_devices`` distinct devices (one each, in ``template``)
+    are in the state."""
     devices = scale.memory_devices
-    payloads = list(Fleet(devices, seed=SEED + 1).payloads(devices))
     pg_url = bench.fresh_database("memory")
-    stream = bench.key("stream")
-    publish(bench.redis, stream, payloads)
-    del payloads
+    stream = copy_stream(bench, template)
     port = free_port()
     env = service_env(bench, pg_url, stream, "bench", "bench-1", DEVICE_STATE_MAX=str(devices),
                       METRICS_PORT=str(port), METRICS_HOST="127.0.0.1")
@@ -705,7 +829,7 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 # --- the report ----------------------------------------------------------------------------
 
 def summarise(results: dict[str, Any]) -> None:
-    """Ratios and target verdicts, added to ``results``."""
+    """Ratios and target verdicts of one backend's sections, added to ``results``."""
     catch_up, ceiling, baseline = results["catch_up"], results["ceiling"], results["baseline"]
     latency, memory = results["latency"], results["memory"]
     ratios = {
@@ -729,116 +853,245 @@ def _verdict(value: float | None, op: str, target: float, where: str = "") -> di
     return {"target": f"{op} {target:g} {where}".strip(), "value": value, "met": met}
 
 
+def _throughput_rows(r: dict[str, Any]) -> list[tuple[str, int, float, float]]:
+    """(label, positions, seconds, per s) of one backend's throughput sections, in table order."""
+    c, b, top = r["catch_up"], r["baseline"], r["ceiling"]
+    rows = [(f"COPY ceiling ({top['mode']})", top["positions"], top["seconds"], top["per_s"]),
+            ("processor catch-up (from process start)", c["positions"], c["seconds"], c["per_s"]),
+            ("  the same, from its first read", c["positions"], c["seconds_from_first_read"],
+             c["per_s_from_first_read"]),
+            ("baseline (bench/baseline.py)", b["positions"], b["seconds"], b["per_s"])]
+    rows += [(f"scale-out: {s['instances']} instance(s), one group", s["positions"], s["seconds"], s["per_s"])
+             for s in r["scale_out"]]
+    return rows
+
+
 def table(results: dict[str, Any]) -> str:
     m = results["machine"]
+    backends = results["backends"]
+    done = [name for name in backends if "skipped" not in backends[name]]
     lines = [
         f"machine: {m['cores']} cores ({m['cpu']}), {m['platform']}",
         f"versions: Python {m['python']}, PostgreSQL {m['postgresql']}, Redis {m['redis']}, "
         f"redis-py {m['redis_py']} (hiredis {m['hiredis'] or 'not installed'}), psycopg2 {m['psycopg2']}, "
-        f"orjson {m['orjson']}",
-        "",
-        f"{'throughput':<40}{'positions':>10}{'seconds':>9}{'per s':>10}{'vs COPY':>9}{'vs base':>9}",
+        f"orjson {m['orjson']}, msgspec {m.get('msgspec') or 'not installed'}",
     ]
-    ceiling, baseline = results["ceiling"]["per_s"], results["baseline"]["per_s"]
-
-    def row(label: str, n: int, seconds: float, per_s: float) -> str:
-        return (f"{label:<40}{n:>10,}{seconds:>9.2f}{per_s:>10,.0f}{per_s / ceiling:>9.2f}"
-                f"{per_s / baseline:>9.2f}")
-
-    c, b = results["catch_up"], results["baseline"]
-    lines.append(row(f"COPY ceiling ({results['ceiling']['mode']})", results["ceiling"]["positions"],
-                     results["ceiling"]["seconds"], ceiling))
-    lines.append(row("processor catch-up (from process start)", c["positions"], c["seconds"], c["per_s"]))
-    lines.append(row("  the same, from its first read", c["positions"], c["seconds_from_first_read"],
-                     c["per_s_from_first_read"]))
-    lines.append(row("baseline (bench/baseline.py)", b["positions"], b["seconds"], b["per_s"]))
-    for s in results["scale_out"]:
-        lines.append(row(f"scale-out: {s['instances']} instance(s), one group", s["positions"], s["seconds"],
-                         s["per_s"]))
-    lat, mem = results["latency"], results["memory"]
-    lines += [
-        "",
-        f"latency at {lat['offered_per_s']:,}/s offered ({lat['achieved_per_s']:,.0f}/s achieved) for "
-        f"{lat['seconds']:.0f} s, {lat['rows']:,} rows:",
-        f"  database (received_at - entry id time): p50 {lat['db_p50_ms']:.1f} ms, p99 {lat['db_p99_ms']:.1f} ms, "
-        f"max {lat['db_max_ms']:.1f} ms",
-        f"  service histogram (after commit):       p50 {lat['metric_p50_ms']:.1f} ms, p99 "
-        f"{lat['metric_p99_ms']:.1f} ms (bucket-interpolated), "
-        f"{(lat['metric_share_within_200ms'] or 0) * 100:.2f}% within 200 ms",
-        f"memory: peak RSS {mem['peak_rss_mb']} MB with {mem['devices_tracked']:,} devices in state "
-        f"(RSS after: {mem['rss_mb_after']} MB)",
-        "",
-        "targets:",
-    ]
-    for name, t in results["targets"].items():
-        lines.append(f"  {name:<24} {str(t['value']):>10}  (target {t['target']})  "
-                     f"{'met' if t['met'] else 'MISSED'}")
-    lines.append(f"\ntotal run time {results['total_seconds']:.0f} s")
+    for name, r in backends.items():
+        if "skipped" in r:
+            lines.append(f"{BACKEND_LABELS[name]}: skipped ({r['skipped']})")
+        else:
+            lines.append(f"{BACKEND_LABELS[name]}: {r['server'].get('server', 'POSTGRES_URL')}"
+                         + (f", TimescaleDB {r['server']['timescaledb']}" if r['server'].get('timescaledb') else ""))
+    lines.append("")
+    head = f"{'throughput (positions/s)':<42}{'positions':>10}"
+    for name in done:
+        head += f" | {BACKEND_LABELS[name]:^32}"
+    lines.append(head)
+    sub = f"{'':<52}" + "".join(f" | {'seconds':>8}{'per s':>9}{'x COPY':>7}{'x base':>7} " for _ in done)
+    lines.append(sub.rstrip())
+    per_backend = {name: _throughput_rows(backends[name]) for name in done}
+    if done:
+        for i, (label, n, _, _) in enumerate(per_backend[done[0]]):
+            line = f"{label:<42}{n:>10,}"
+            for name in done:
+                r = backends[name]
+                _, _, seconds, per_s = per_backend[name][i]
+                line += (f" | {seconds:>8.2f}{per_s:>9,.0f}{per_s / r['ceiling']['per_s']:>7.2f}"
+                         f"{per_s / r['baseline']['per_s']:>7.2f} ")
+            lines.append(line.rstrip())
+    for name in done:
+        r = backends[name]
+        lat, mem, cpu = r["latency"], r["memory"], r["catch_up"]["cpu_us_per_position"]
+        lines += [
+            "",
+            f"{BACKEND_LABELS[name]}:",
+            f"  catch-up CPU per position (us): main thread {cpu['main_thread']} (kernel {cpu['main_thread_kernel']}), "
+            f"other threads {cpu['other_threads']}, PostgreSQL {cpu['postgres_backends']}, "
+            f"Redis {cpu['redis_server']}",
+            f"  latency at {lat['offered_per_s']:,}/s offered ({lat['achieved_per_s']:,.0f}/s achieved) for "
+            f"{lat['seconds']:.0f} s, {lat['rows']:,} rows:",
+            f"    database (received_at - entry id time): p50 {lat['db_p50_ms']:.1f} ms, "
+            f"p99 {lat['db_p99_ms']:.1f} ms, max {lat['db_max_ms']:.1f} ms",
+            f"    service histogram (after commit):       p50 {lat['metric_p50_ms']:.1f} ms, p99 "
+            f"{lat['metric_p99_ms']:.1f} ms (bucket-interpolated), "
+            f"{(lat['metric_share_within_200ms'] or 0) * 100:.2f}% within 200 ms",
+            f"  memory: peak RSS {mem['peak_rss_mb']} MB with {mem['devices_tracked']:,} devices in state "
+            f"(RSS after: {mem['rss_mb_after']} MB)",
+            "  targets:",
+        ]
+        for target, t in r["targets"].items():
+            lines.append(f"    {target:<24} {str(t['value']):>10}  (target {t['target']})  "
+                         f"{'met' if t['met'] else 'MISSED'}")
+    load = results.get("load_average")
+    lines.append(f"\ntotal run time {results['total_seconds']:.0f} s"
+                 + (f"; load average before {load['before']}, after {load['after']}" if load else ""))
     return "\n".join(lines)
 
 
 # --- main ----------------------------------------------------------------------------------
 
 @contextmanager
-def bench_servers(redis_url: str, admin_url: str) -> Iterator[Bench]:
-    bench = Bench(redis_url, admin_url)
+def bench_servers(redis_url: str, admin_url: str, *, backend: str = "plain",
+                  workdir: Path | None = None) -> Iterator[Bench]:
+    bench = Bench(redis_url, admin_url, backend=backend, workdir=workdir)
     try:
         yield bench
     finally:
         bench.close()
 
 
-def run(scale: Scale, redis_url: str, admin_url: str, only: set[str] | None = None) -> dict[str, Any]:
+@dataclass
+class Data:
+    """What every backend's sections share: the template streams and the COPY file."""
+
+    template: str  # scale.positions positions from scale.devices devices
+    memory_template: str  # one position each from scale.memory_devices devices
+    copy_file: Path
+    rows: int
+
+
+def prepare_data(bench: Bench, scale: Scale) -> Data:
+    log(f"generating {scale.positions:,} positions from {scale.devices:,} devices")
+    payloads = list(Fleet(scale.devices, seed=SEED).payloads(scale.positions))
+    template = bench.key("template")
+    publish(bench.redis, template, payloads)
+    copy_file = bench.workdir / "positions.copy"
+    rows = format_rows(payloads, copy_file)
+    bench.workdir.chmod(0o755)  # the server must be able to reach the COPY file
+    memory_template = bench.key("memory-template")
+    publish(bench.redis, memory_template, list(Fleet(scale.memory_devices, seed=SEED + 1).payloads(
+        scale.memory_devices)))
+    return Data(template, memory_template, copy_file, rows)
+
+
+def run_backend(bench: Bench, data: Data, scale: Scale, only: set[str] | None,
+                profile_dir: Path | None) -> dict[str, Any]:
+    """Every section on ``bench``'s backend, each in its own fresh database."""
+    results: dict[str, Any] = {}
+    steps = [("ceiling", lambda: run_ceiling(bench, data.copy_file, data.rows)),
+             ("catch_up", lambda: run_catch_up(bench, data.template, scale)),
+             ("baseline", lambda: run_baseline(bench, data.template, scale)),
+             ("latency", lambda: run_latency(bench, scale)),
+             ("memory", lambda: run_memory(bench, data.memory_template, scale)),
+             ("scale_out", lambda: run_scale_out(bench, data.template, scale))]
+    if profile_dir is not None:
+        steps.append(("profile", lambda: run_catch_up(bench, data.template, scale,
+                                                      profile=profile_dir / f"{bench.backend}.txt")))
+    for name, step in steps:
+        if only and name not in only and name != "profile":
+            continue
+        log(f"{bench.backend}: {name} ...")
+        t0 = time.perf_counter()
+        results[name] = step()
+        log(f"{bench.backend}: {name}: done in {time.perf_counter() - t0:.1f} s: {_brief(results[name])}")
+    return results
+
+
+def server_info(admin_url: str) -> dict[str, Any]:
+    conn = psycopg2.connect(admin_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW server_version")
+            version = cur.fetchone()[0]
+            cur.execute("SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'")
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    return {"postgresql": version, "timescaledb_available": row[0] if row else None}
+
+
+def run(scale: Scale, redis_url: str, admin_url: str, only: set[str] | None = None,
+        backends: Sequence[str] = BACKENDS, timescaledb_url: str | None = None,
+        profile_dir: Path | None = None) -> dict[str, Any]:
     started = time.perf_counter()
-    with bench_servers(redis_url, admin_url) as bench:
-        results: dict[str, Any] = {"machine": machine(bench), "scale": asdict(scale), "quick": scale is QUICK}
-        log(f"generating {scale.positions:,} positions from {scale.devices:,} devices")
-        payloads = list(Fleet(scale.devices, seed=SEED).payloads(scale.positions))
-        results["payload_bytes_mean"] = round(sum(map(len, payloads)) / len(payloads), 1)
-        template = bench.key("template")
-        publish(bench.redis, template, payloads)
-        copy_file = bench.workdir / "positions.copy"
-        rows = format_rows(payloads, copy_file)
-        del payloads
-        bench.workdir.chmod(0o755)  # the server must be able to reach the COPY file
-        steps = [("ceiling", lambda: run_ceiling(bench, copy_file, rows)),
-                 ("catch_up", lambda: run_catch_up(bench, template, scale)),
-                 ("baseline", lambda: run_baseline(bench, template, scale)),
-                 ("latency", lambda: run_latency(bench, scale)),
-                 ("memory", lambda: run_memory(bench, scale)),
-                 ("scale_out", lambda: run_scale_out(bench, template, scale)),
-                 ("gateway", lambda: gateway_bench.section(redis_url, admin_url, scale is QUICK))]
-        for name, step in steps:
-            if only and name not in only:
-                continue
-            log(f"{name} ...")
-            t0 = time.perf_counter()
-            results[name] = step()
-            log(f"{name}: done in {time.perf_counter() - t0:.1f} s: {_brief(results[name])}")
+    load_before = _load_average()
+    with bench_servers(redis_url, admin_url) as plain:
+        results: dict[str, Any] = {"machine": machine(plain), "scale": asdict(scale), "quick": scale is QUICK,
+                                   "backends": {}}
+        data = prepare_data(plain, scale)
+        results["payload_bytes_mean"] = round(data.copy_file.stat().st_size / max(data.rows, 1), 1)
+        for backend in backends:
+            if backend == "plain":
+                section = {"server": {"server": "POSTGRES_URL", **server_info(admin_url)}}
+                section.update(run_backend(plain, data, scale, only, profile_dir))
+            else:
+                why = timescaledb_missing(timescaledb_url)
+                if why is not None:
+                    log(f"timescaledb: skipped ({why})")
+                    results["backends"][backend] = {"skipped": why}
+                    continue
+                with timescaledb_server(admin_url, timescaledb_url) as (url, described):
+                    with bench_servers(redis_url, url, backend=backend, workdir=plain.workdir) as bench:
+                        section = {"server": {**described, **server_info(url),
+                                              "timescaledb": _extension_version(bench)}}
+                        section.update(run_backend(bench, data, scale, only, profile_dir))
+            results["backends"][backend] = section
+    if not only or "gateway" in only:  # the gateway reads the stream: one run, whatever the table's kind
+        log("gateway ...")
+        results["gateway"] = gateway_bench.section(redis_url, admin_url, scale is QUICK)
+    results["load_average"] = {"before": load_before, "after": _load_average()}
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     return results
+
+
+def _extension_version(bench: Bench) -> str | None:
+    url = bench.fresh_database("version")
+    try:
+        conn = psycopg2.connect(url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")
+                row = cur.fetchone()
+        finally:
+            conn.close()
+    finally:
+        bench.drop_database(url)
+    return row[0] if row else None
+
+
+def _load_average() -> str | None:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return None
 
 
 def _brief(result: Any) -> str:
     if isinstance(result, dict):
         keys = ("per_s", "db_p99_ms", "metric_p99_ms", "peak_rss_mb")
         return ", ".join(f"{k}={result[k]}" for k in keys if k in result)
+    if isinstance(result, list):
+        return ", ".join(_brief(r) for r in result)
     return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The side-by-side benchmark of issue 6.")
+    parser = argparse.ArgumentParser(description="The side-by-side benchmark (issues 6, 12, 13).")
     parser.add_argument("--quick", action="store_true", help="2,000 positions, 2 s of latency: the CI smoke run")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"), help="where the JSON goes")
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
     parser.add_argument("--postgres-url", default=os.environ.get("POSTGRES_URL", DEFAULT_POSTGRES_URL),
                         help="a maintenance database of a server where CREATE DATABASE is allowed")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="comma-separated: plain (POSTGRES_URL), timescaledb (a hypertable)")
+    parser.add_argument("--timescaledb-url", default=os.environ.get("TIMESCALEDB_URL", ""),
+                        help="a maintenance database of a server with timescaledb preloaded "
+                             "(default: a throwaway one started here)")
     parser.add_argument("--only", default="", help="comma-separated sections (for profiling; no table)")
+    parser.add_argument("--py-spy", default="", metavar="DIR",
+                        help="after the timed sections, one more catch-up per backend under py-spy into DIR")
     args = parser.parse_args(argv)
     only = {s for s in args.only.split(",") if s}
-    results = run(QUICK if args.quick else FULL, args.redis_url, args.postgres_url, only or None)
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        parser.error(f"unknown backends: {', '.join(sorted(unknown))} (known: {', '.join(BACKENDS)})")
+    results = run(QUICK if args.quick else FULL, args.redis_url, args.postgres_url, only or None, backends,
+                  args.timescaledb_url or None, Path(args.py_spy) if args.py_spy else None)
     if not only:
-        summarise(results)
+        for section in results["backends"].values():
+            if "skipped" not in section:
+                summarise(section)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if not only:
         print(table(results))

@@ -1,4 +1,5 @@
-"""The benchmark harness in its quick mode (issue 6): it runs end to end and its JSON has every section.
+"""The benchmark harness in its quick mode (issues 6, 12, 13): it runs end to end and its JSON has every section,
+on both backends: a plain table and, where TimescaleDB is installed, a hypertable.
 
 ``bench/run.py --quick`` moves 2,000 positions through each contender. No timing is
 asserted (CI machines vary): only that every contender moved exactly the positions it
@@ -16,10 +17,11 @@ from typing import Any
 
 import pytest
 
+from processor.devservers import timescaledb_installed
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_POSITIONS = 2_000
-SECTIONS = ("machine", "scale", "ceiling", "catch_up", "baseline", "latency", "memory", "scale_out",
-            "ratios", "targets")
+SECTIONS = ("server", "ceiling", "catch_up", "baseline", "latency", "memory", "scale_out", "ratios", "targets")
 
 
 def _positive(section: dict[str, Any], *names: str) -> None:
@@ -38,21 +40,8 @@ def _drained_exactly(section: dict[str, Any], positions: int) -> None:
                                                    "postgres_backends", "redis_server"}
 
 
-@pytest.mark.backends("plain")  # bench/run.py makes its own databases of each kind
-def test_quick_benchmark_runs_every_contender_and_writes_the_json(redis_url: str, pg_admin_url: str,
-                                                                  tmp_path: Path) -> None:
-    out = tmp_path / "results.json"
-    env = {**os.environ, "REDIS_URL": redis_url, "POSTGRES_URL": pg_admin_url}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(out.read_text())
-
-    assert set(SECTIONS) <= set(results)
-    assert results["quick"] is True
-    assert results["scale"]["positions"] == QUICK_POSITIONS
-    assert results["machine"]["cores"] >= 1 and results["machine"]["postgresql"]
-
+def _check_backend(results: dict[str, Any]) -> None:
+    assert set(SECTIONS) <= set(results), set(SECTIONS) - set(results)
     ceiling = results["ceiling"]
     assert ceiling["positions"] == ceiling["rows"] == QUICK_POSITIONS
     _positive(ceiling, "seconds", "per_s")
@@ -71,7 +60,7 @@ def test_quick_benchmark_runs_every_contender_and_writes_the_json(redis_url: str
     assert latency["db_p50_ms"] <= latency["db_p99_ms"] <= latency["db_max_ms"]
 
     memory = results["memory"]
-    assert memory["rows"] == memory["devices_tracked"] == memory["devices"] == results["scale"]["memory_devices"]
+    assert memory["rows"] == memory["devices_tracked"] == memory["devices"] == 2_000
     assert memory["exit_code"] == 0
     _positive(memory, "peak_rss_mb")
 
@@ -79,5 +68,31 @@ def test_quick_benchmark_runs_every_contender_and_writes_the_json(redis_url: str
     assert set(results["targets"]) == {"catch_up_vs_ceiling", "catch_up_vs_baseline", "latency_p99_ms",
                                        "peak_rss_mb"}
     assert all(isinstance(t["met"], bool) for t in results["targets"].values())
-    for line in ("COPY ceiling", "processor catch-up", "baseline (bench/baseline.py)", "latency at", "targets:"):
+
+
+@pytest.mark.backends("plain")  # bench/run.py makes its own databases of each kind
+def test_quick_benchmark_runs_every_contender_on_both_backends(redis_url: str, pg_admin_url: str,
+                                                               tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    env = {**os.environ, "REDIS_URL": redis_url, "POSTGRES_URL": pg_admin_url}
+    env.pop("TIMESCALEDB_URL", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+
+    assert results["quick"] is True
+    assert results["scale"]["positions"] == QUICK_POSITIONS
+    assert results["machine"]["cores"] >= 1 and results["machine"]["postgresql"]
+    assert list(results["backends"]) == ["plain", "timescaledb"]
+    # The harness checks each fresh database's table kind; a run that got it wrong would have failed.
+    _check_backend(results["backends"]["plain"])
+    hypertable = results["backends"]["timescaledb"]
+    if timescaledb_installed():
+        _check_backend(hypertable)
+        assert hypertable["server"]["timescaledb"]
+    else:
+        assert hypertable == {"skipped": "the TimescaleDB library is not installed beside this PostgreSQL"}
+    for line in ("COPY ceiling", "processor catch-up", "baseline (bench/baseline.py)", "plain PostgreSQL table",
+                 "TimescaleDB hypertable", "latency at", "targets:"):
         assert line in proc.stdout

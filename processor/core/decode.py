@@ -1,8 +1,16 @@
 """Stream entry -> Position, or a Rejection saying why it can never be stored (CONTRACT 1, 1.1, 1.2).
 
-This is the hot path: every entry goes through :meth:`Decoder.decode` once. It never
-raises, whatever the entry holds: the result is always a :class:`Position` or a
-:class:`Rejection` with a reason from :data:`processor.core.types.REASONS`.
+This is the hot path: every entry goes through :meth:`Decoder.decode` (or, a batch at a
+time, :meth:`Decoder.decode_batch`) once. It never raises, whatever the entry holds: the
+result is always a :class:`Position` or a :class:`Rejection` with a reason from
+:data:`processor.core.types.REASONS`.
+
+Two ways, one result (issue 13). The **typed way** decodes and checks a payload in one
+msgspec call (``_Typed``: the fields, their types and ranges) and accepts only what passes
+every rule below; it declines everything else, and every case where msgspec and orjson could
+read the same text differently. The **exact way** (orjson, then the checks in the order
+below) decides what the typed way declines, and alone names rejections: reasons and details
+are its own. tests/test_decode_typed.py checks that both ways agree.
 
 Order of the checks (the first that fails gives the reason):
 
@@ -71,10 +79,11 @@ import logging
 import re
 import reprlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
+import msgspec
 import orjson
 
 from .types import (
@@ -187,11 +196,26 @@ class Decoder:
         self._max_payload_bytes = max_payload_bytes
         self._max_future_skew_s = max_future_skew_s
         self._limit: tuple[float, datetime] = (float("nan"), MIN_TS)
+        self._limit_ms: tuple[datetime | None, int] = (None, 0)  # the limit in epoch ms
 
     def decode(self, fields: Mapping[bytes, bytes], now: float | None = None) -> Position | Rejection:
         """One entry's fields -> a Position, or a Rejection. Never raises."""
+        return self.decode_batch((fields,), time.time() if now is None else now)[0]
+
+    def decode_batch(self, entries: Sequence[Mapping[bytes, bytes]], now: float) -> list[Position | Rejection]:
+        """``[decode(fields, now) for fields in entries]``, the same results in order, with the
+        per-batch work (the time window) done once and no Python call per entry. Never raises."""
+        results: list[Any] = self._typed_batch(entries, self._window(now))
+        if None in results:
+            for i, result in enumerate(results):
+                if result is None:
+                    results[i] = self._exact(entries[i], now)
+        return results
+
+    def _exact(self, fields: Any, now: float) -> Position | Rejection:
+        """Every check in the documented order, with orjson: the reference the typed way must agree
+        with, and the way that names the reason of a rejection."""
         try:
-            # The usual entry, a dict with one bytes payload within the limits, skips _payload's checks.
             payload = fields.get(_PAYLOAD) if type(fields) is dict and len(fields) <= MAX_FIELDS else None
             if type(payload) is bytes and 0 < len(payload) <= self._max_payload_bytes:
                 raw = payload
@@ -200,7 +224,7 @@ class Decoder:
             doc = _parse(raw)
             if _NUL_ESCAPE in raw:
                 _check_nul(doc)
-            return self._position(doc, time.time() if now is None else now)
+            return self._position(doc, now)
         except _Invalid as exc:
             return Rejection(exc.reason, exc.detail[:MAX_DETAIL_CHARS])
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not stall the stream
@@ -208,6 +232,104 @@ class Decoder:
             # keeps the entry (it can be redriven after a fix) instead of looping on it.
             log.exception("decoder failed on an entry (a bug): %s", type(exc).__name__)
             return Rejection(INVALID_JSON, f"decoder error: {type(exc).__name__}: {exc}"[:MAX_DETAIL_CHARS])
+
+    # -- the typed way ---------------------------------------------------------------
+
+    def _typed(self, raw: bytes, now: float) -> Position | None:
+        """The typed way for one payload (None: it declined)."""
+        return self._typed_batch(({_PAYLOAD: raw},), self._window(now))[0]
+
+    def _window(self, now: float) -> tuple[datetime, int]:
+        """The latest allowed timestamp for ``now``, as a datetime and as epoch milliseconds."""
+        cached_now, limit = self._limit
+        if cached_now != now:
+            limit = self._latest_allowed(now)
+        window = self._limit_ms
+        if window[0] is not limit:  # floor division: ms <= it exactly when the ms timestamp <= limit
+            window = self._limit_ms = (limit, (limit - EPOCH) // _ONE_MS)
+        return window  # type: ignore[return-value]
+
+    def _typed_batch(self, entries: Sequence[Any], window: tuple[datetime, int]) -> list[Position | None]:
+        """The Position of each entry that passes every check, its payload decoded and type-checked by
+        msgspec in one C call (``_Typed``); None wherever anything is unusual: then :meth:`_exact` decides.
+
+        It must never accept what the exact way rejects nor give another Position. Whatever
+        msgspec refuses goes the exact way, and so does every case where msgspec and orjson could
+        read the text differently or where only the exact way's checks see: an unknown top-level
+        key (the exact way checks its JSON too), a ``\\u0000`` escape, a device id that is not
+        alphanumeric, a real below 1e-45, an integer beyond 64 bits or nesting beyond 32 levels
+        in attributes, a malformed sentinel. tests/test_decode_typed.py compares both ways on the
+        fuzz corpus and where the parsers differ. One loop for the batch, everything inlined:
+        a call per entry would cost more than the checks.
+        """
+        latest, latest_ms = window
+        most = self._max_payload_bytes
+        typed_decode, seconds_cache, millis_table, iso_cache = _TYPED_DECODE, _SECONDS, _MILLIS, _ISO_SECONDS
+        positions: list[Position | None] = []
+        append = positions.append
+        for fields in entries:
+            # The usual entry: a dict, at most MAX_FIELDS fields, a bytes payload within the limit.
+            raw = fields.get(_PAYLOAD) if type(fields) is dict and len(fields) <= MAX_FIELDS else None
+            if type(raw) is not bytes or not 0 < len(raw) <= most:
+                append(None)
+                continue
+            escaped = raw.find(b"\\") >= 0  # a memchr; tcp-ingestion's JSON.stringify escapes only controls
+            if escaped and _NUL_ESCAPE in raw:
+                append(None)
+                continue
+            try:
+                doc = typed_decode(raw)
+            except Exception:  # noqa: BLE001 - msgspec's errors, RecursionError: the exact way names them
+                append(None)
+                continue
+            device_id = doc.device_id
+            ts: Any = doc.timestamp
+            # msgspec checked device_id's type and length: alphanumeric also means no control character
+            if not device_id.isalnum():
+                append(None)
+                continue
+            if type(ts) is int:
+                if not MIN_EPOCH_MS <= ts <= latest_ms:
+                    append(None)
+                    continue
+                seconds, millis = divmod(ts, 1000)
+                base = seconds_cache.get(seconds)
+                if base is None:
+                    base = _cache_second(seconds)
+                ts = base + millis_table[millis]
+            else:
+                # tcp-ingestion's ISO form, YYYY-MM-DDTHH:MM:SS.mmmZ: its second from a cache of
+                # prefixes the exact parser accepted, its milliseconds from the table.
+                base = iso_cache.get(ts[:20]) if len(ts) == 24 and ts[23] == "Z" else None
+                millis_text = ts[20:23]
+                if base is not None and millis_text.isdigit() and millis_text.isascii():
+                    ts = base + millis_table[int(millis_text)]
+                else:
+                    try:
+                        ts = _iso_timestamp_cached(ts)
+                    except _Invalid:
+                        append(None)
+                        continue
+                if ts < MIN_TS or ts > latest:
+                    append(None)
+                    continue
+            altitude, angle, speed, attributes = doc.altitude, doc.angle, doc.speed, doc.attributes
+            # real columns: msgspec checked the range; a non-zero magnitude below 1e-45 would underflow
+            if (altitude and -REAL_MIN < altitude < REAL_MIN) or (angle and angle < REAL_MIN) or \
+                    (speed and speed < REAL_MIN):
+                append(None)
+                continue
+            # Sentinels are looked for only where there can be one: a nested object (a third "{") or
+            # array, a key starting with "_", an escape (\\u005f is "_"); each test one memchr. A flat
+            # object of scalars holds none, and msgspec already held its integers to 64 bits.
+            if attributes and (escaped or raw.find(b"_") >= 0 or raw.find(b"[") >= 0
+                               or raw.find(b"{", raw.find(b"{", raw.find(b"{") + 1) + 1) >= 0) \
+                    and not _typed_attributes(attributes):
+                append(None)
+                continue
+            append(_new_position(Position, (device_id, ts, doc.latitude, doc.longitude, altitude, angle, speed,
+                                            doc.satellites, doc.priority, doc.event_id, attributes)))
+        return positions
 
     # -- the entry ------------------------------------------------------------------
 
@@ -547,3 +669,151 @@ def dumps_attributes(attributes: dict[str, Any] | None) -> str:
     if not attributes:
         return "{}"
     return orjson.dumps(attributes).decode("utf-8")
+
+
+# -- the typed way: msgspec ----------------------------------------------------------
+
+_Real = Annotated[float, msgspec.Meta(ge=-REAL_MAX, le=REAL_MAX)]
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class _Sentinel(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """An object one level down in attributes, as msgspec decodes it: the keys of CONTRACT 1.1's
+    sentinels and nothing else, each with its type (a Node Buffer's bytes 0..255)."""
+
+    bigint: Annotated[str, msgspec.Meta(max_length=MAX_BIGINT_DIGITS)] | msgspec.UnsetType = \
+        msgspec.field(name="__bigint", default=msgspec.UNSET)
+    buffer: str | msgspec.UnsetType = msgspec.field(name="__buffer", default=msgspec.UNSET)
+    type: str | msgspec.UnsetType = msgspec.UNSET
+    data: list[Annotated[int, msgspec.Meta(ge=0, le=255)]] | msgspec.UnsetType = msgspec.UNSET
+
+
+class _Typed(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """CONTRACT 1's fields with their types and ranges, for msgspec's decoder (C). An unknown key
+    is refused (the exact way ignores it, after checking its JSON the orjson way). Not kept: its
+    values go into a Position. gc=False: it holds no cycle and lives for one entry."""
+
+    device_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DEVICE_ID_CHARS)]
+    timestamp: int | str
+    latitude: Annotated[float, msgspec.Meta(ge=-90.0, le=90.0)]
+    longitude: Annotated[float, msgspec.Meta(ge=-180.0, le=180.0)]
+    altitude: _Real | None = None
+    angle: Annotated[float, msgspec.Meta(ge=0.0, le=360.0)] | None = None
+    speed: Annotated[float, msgspec.Meta(ge=0.0, le=REAL_MAX)] | None = None
+    satellites: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
+    priority: Annotated[int, msgspec.Meta(ge=0, le=2)] | None = None
+    event_id: Annotated[int, msgspec.Meta(ge=0, le=MAX_EVENT_ID)] | None = None
+    # Values one level down typed: msgspec holds integers to 64 bits there (it reads wider literals
+    # as ints, orjson as floats; int64 only: msgspec cannot bound an int at 2**64 - 1), and an
+    # object there is a sentinel or an empty object (any other key: the exact way).
+    attributes: dict[str, _Int64 | float | str | bool | None | list[Any] | _Sentinel] | None = None
+
+
+_TYPED_DECODE: Final = msgspec.json.Decoder(_Typed).decode
+_UNSET: Final = msgspec.UNSET
+_ONE_MS: Final = timedelta(milliseconds=1)
+_SAFE_DIGITS: Final = len(str(MAX_SAFE_INTEGER))  # 16: more digits, no leading zero, is above it
+_INT64_MIN: Final = -(2**63)
+_UINT64_MAX: Final = 2**64 - 1  # orjson reads integer literals outside [-2**63, 2**64-1] as floats; msgspec does not
+
+
+_ISO_SECONDS: Final[dict[str, datetime]] = {}  # "YYYY-MM-DDTHH:MM:SS." -> that second, UTC; shared like _SECONDS
+
+
+def _iso_timestamp_cached(text: str) -> datetime:
+    """:func:`_iso_timestamp`, noting the second of a text of tcp-ingestion's form for the typed way."""
+    ts = _iso_timestamp(text)
+    if len(text) == 24 and text[19] == "." and text[23] == "Z":  # exactly three fraction digits, UTC
+        if len(_ISO_SECONDS) >= _SECONDS_CACHED:
+            _ISO_SECONDS.clear()
+        _ISO_SECONDS[text[:20]] = ts.replace(microsecond=0)
+    return ts
+
+
+def _cache_second(seconds: int) -> datetime:
+    base = EPOCH + timedelta(0, seconds)
+    if len(_SECONDS) >= _SECONDS_CACHED:
+        _SECONDS.clear()
+    _SECONDS[seconds] = base
+    return base
+
+
+def _typed_attributes(root: dict[str, Any]) -> bool:
+    """Sentinels replaced in place, as :func:`_attributes` does; False (then the exact way decides)
+    for anything it could judge otherwise: a malformed or unknown sentinel, nesting beyond 32
+    levels, a nested integer beyond 64 bits (orjson reads it as a float), the object itself a
+    sentinel.
+
+    An object one level down was decoded by msgspec as a :class:`_Sentinel` (it refuses any
+    other key: such a payload goes the exact way), its types checked in C, a Node Buffer's
+    bytes included: here each is only turned into its value. Arrays take the general walk."""
+    if len(root) <= 2 and _is_sentinel_shaped(root):
+        return False
+    nested = False
+    for key, value in root.items():
+        kind = type(value)
+        if kind is _Sentinel:
+            text, buffer, node_type, data = value.bigint, value.buffer, value.type, value.data
+            if text is not _UNSET:
+                if buffer is not _UNSET or node_type is not _UNSET or data is not _UNSET:
+                    return False
+                size = len(text)
+                if not (size and text.isascii() and text.isdigit()):
+                    return False  # a sign, or no digits: the exact way's pattern decides
+                if size > _SAFE_DIGITS and text[0] != "0":
+                    root[key] = text  # above 2**53 - 1, and already its own normalised decimal string
+                else:
+                    number = int(text)
+                    root[key] = number if number <= MAX_SAFE_INTEGER else str(number)
+            elif buffer is not _UNSET:
+                if node_type is not _UNSET or data is not _UNSET:
+                    return False
+                try:
+                    root[key] = binascii.a2b_base64(buffer, strict_mode=True).hex()
+                except (binascii.Error, ValueError):
+                    return False
+            elif node_type == "Buffer" and data is not _UNSET:
+                root[key] = bytes(data).hex()  # msgspec checked every byte is an int 0..255
+            elif node_type is _UNSET and data is _UNSET:
+                root[key] = {}  # an empty object: plain, kept
+            else:
+                return False  # {"type": ...} or {"data": ...} alone, another type: plain objects, the exact way
+        elif kind is list:
+            nested = True
+    return _typed_walk(root) if nested else True
+
+
+def _is_sentinel_shaped(obj: dict[str, Any]) -> bool:
+    """What :func:`_sentinel` would not call plain (a sentinel, valid or not)."""
+    try:
+        return _sentinel(obj, "attributes") is not _PLAIN
+    except _Invalid:
+        return True
+
+
+def _typed_walk(root: dict[str, Any]) -> bool:
+    """The general walk of :func:`_decode_sentinels`, for the typed way (False instead of raising)."""
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        container, depth = stack.pop()
+        items = container.items() if type(container) is dict else enumerate(container)
+        for key, value in items:
+            kind = type(value)
+            if kind is int:
+                if not _INT64_MIN <= value <= _UINT64_MAX:
+                    return False
+                continue
+            if kind is not dict and kind is not list:
+                continue
+            if depth >= MAX_ATTRIBUTE_DEPTH:
+                return False
+            if kind is dict:
+                try:
+                    decoded = _sentinel(value, key)
+                except _Invalid:
+                    return False
+                if decoded is not _PLAIN:
+                    container[key] = decoded
+                    continue
+            stack.append((value, depth + 1))
+    return True

@@ -19,7 +19,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 from prometheus_client import Histogram
 
@@ -213,25 +213,30 @@ class Pipeline:
         records: list[Record] = []
         letters: list[DeadLetter] = []
         lost: list[str] = []
-        # The per-entry loop is the hot path: locals, tuple unpacking, and Records built
-        # with tuple.__new__ (docs/performance.md).
-        decode = self.decoder.decode
+        # The per-entry loops are the hot path: locals, tuple unpacking, the payloads decoded
+        # as one batch (no call per entry), Records built with tuple.__new__ (docs/performance.md).
         inflight_ids = self._inflight_ids  # also holds the ids of dead letters waiting for Redis
         max_deliveries = self.max_deliveries
-        append = records.append
-        new_record = _new_record
-        for entry_id, fields, deliveries in entries:
+        fieldss: list[Mapping[bytes, bytes]] = []
+        kept: list[Entry] = []
+        for entry in entries:
+            entry_id, fields, deliveries = entry
             if entry_id in inflight_ids:
                 continue  # already being written here (claimed back from ourselves)
             if fields is None:
                 lost.append(entry_id)
                 continue
-            payload = fields.get(b"payload", b"")
             if deliveries > max_deliveries:
-                letters.append(DeadLetter(entry_id, payload, MAX_DELIVERIES,
+                letters.append(DeadLetter(entry_id, fields.get(b"payload", b""), MAX_DELIVERIES,
                                           f"delivered {deliveries} times (limit {max_deliveries})", deliveries))
                 continue
-            result = decode(fields, now)
+            fieldss.append(fields)
+            kept.append(entry)
+        results = self.decoder.decode_batch(fieldss, now)
+        append = records.append
+        new_record = _new_record
+        for (entry_id, _, deliveries), fields, result in zip(kept, fieldss, results):
+            payload = fields.get(b"payload", b"")
             if type(result) is Rejection:
                 if result.reason == MISSING_PAYLOAD:
                     payload = b""

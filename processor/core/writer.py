@@ -784,10 +784,34 @@ def _copy_text_fast(batch: list[Record]) -> bytes | None:
         return None
     if text.count(b",null") != numbers.count(None):
         return None  # NaN or infinity somewhere
-    attrs = [dumps(a) if a else b"{}" for a in map(_ATTRIBUTES, positions)]
     rows = text[2:-2].replace(b",null", b",\\N").replace(b'"', b"").replace(b",", b"\t").split(b"]\t[")
-    return b"".join([row + b"\t" + (a.replace(b"\\", b"\\\\") if b"\\" in a else a) + b"\n"
-                     for row, a in zip(rows, attrs)])
+    inner = _attributes_inner(positions)
+    if inner is None or len(inner) != len(rows):  # attributes not cut apart exactly (rare): a dumps() a row
+        attrs = [dumps(a) if a else b"{}" for a in map(_ATTRIBUTES, positions)]
+        return b"".join([row + b"\t" + (a.replace(b"\\", b"\\\\") if b"\\" in a else a) + b"\n"
+                         for row, a in zip(rows, attrs)])
+    # row, "\t{", the attributes' inside, "}\n" for every row, joined in C
+    return b"".join(itertools.chain.from_iterable(zip(rows, _OPEN, inner, _CLOSE)))
+
+
+def _attributes_inner(positions: list[Any]) -> list[bytes] | None:
+    """Each row's attributes as COPY text without the outer braces, from one ``dumps`` of the whole
+    batch's list; None when that list cannot be cut apart exactly.
+
+    ``[{...},{...}]`` is cut at ``},{``. That is exact when the text holds ``},{`` exactly
+    once per boundary (len - 1 times): anywhere else (an array of objects, a string holding
+    it) it would be one more. orjson's JSON holds no raw tab, newline or carriage return, so
+    COPY text only needs its backslashes doubled, for the whole batch at once.
+    """
+    attributes = list(map(_ATTRIBUTES, positions))
+    if None in attributes:
+        attributes = [a if a is not None else _NO_ATTRIBUTES for a in attributes]
+    text = orjson.dumps(attributes)
+    if text.count(b"},{") != len(attributes) - 1 or not text.startswith(b"[{") or not text.endswith(b"}]"):
+        return None  # "[]" (an empty batch), a bracket or boundary inside the values
+    if b"\\" in text:
+        text = text.replace(b"\\", b"\\\\")
+    return text[2:-2].split(b"},{")
 
 
 _POSITION = operator.itemgetter(1)  # Record.position
@@ -799,6 +823,9 @@ _ATTRIBUTES = operator.itemgetter(10)
 _TZINFO = operator.attrgetter("tzinfo")
 _FAST_ZONES = frozenset((timezone.utc, None))
 _FAST_NUMBERS = frozenset((int, float, type(None)))
+_OPEN = itertools.repeat(b"\t{")
+_CLOSE = itertools.repeat(b"}\n")
+_NO_ATTRIBUTES: dict[str, Any] = {}  # never changed: None is stored as {}
 
 
 def _escape(text: str) -> str:
