@@ -75,6 +75,8 @@ class TcpProxy:
                 continue
             except OSError:
                 return
+            with self._lock:
+                self.connections += 1  # counted on accept: the client may be gone before upstream answers
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -82,7 +84,6 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._pairs.append((client, upstream))
-                self.connections += 1
             threading.Thread(target=self._pump, args=(client, upstream), name=f"proxy-{self.port}-pump",
                              daemon=True).start()
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.faults.conftest import (assert_nothing_lost, fleet_entries, log_entries, publish_entries,
                                    wait_or_explain)
-from tests.helpers import ServiceProcess, hold_write_lock, pending_count, row_count, wait_until
+from tests.helpers import BASE_MS, ServiceProcess, hold_write_lock, payload, pending_count, row_count, wait_until
 from tests.proxy import TcpProxy
 
 TIMEOUT_S = 3.0
@@ -39,11 +39,20 @@ def _through(proxy: TcpProxy, pg) -> str:
 
 
 @contextmanager
-def _write_waiting(fault_env, redis_client, keys, pg, proxy, n: int = 300):
-    """A running service whose write of ``n`` entries waits on a server that stopped answering."""
+def _write_waiting(fault_env, redis_client, keys, pg, proxy, n: int = 300, connected: bool = False):
+    """A running service whose write of ``n`` entries waits on a server that stopped answering.
+
+    ``connected``: one writer thread, its connection made (one entry written) before the server
+    goes silent, so the write waits inside a statement, not inside libpq's connect.
+    """
     env = dict(fault_env, POSTGRES_URL=_through(proxy, pg), SHUTDOWN_TIMEOUT_S=str(TIMEOUT_S))
+    if connected:
+        env["WRITER_THREADS"] = "1"
     with ServiceProcess(env) as proc:
         proc.wait_for_log("processor ready")
+        if connected:
+            redis_client.xadd(keys["stream"], {"payload": payload("356307042449999", BASE_MS - 60_000)})
+            wait_or_explain(proc, lambda: row_count(pg.url) == 1, 20, 0.05, "the warm-up row")
         proxy.freeze()
         published = publish_entries(redis_client, keys["stream"], fleet_entries(n, devices=30, seed=7), atomic=True)
         wait_or_explain(proc, lambda: pending_count(redis_client, keys["stream"], keys["group"]) == n, 20, 0.05,
@@ -96,12 +105,14 @@ def test_sigterm_past_the_deadline_while_the_cancel_itself_waits_exits_within_th
     """The write outlasts the deadline and the stop sequence cancels it; the cancel's own connection
     goes through the same silent path. Neither may hold the process past the deadline."""
     pg, proxy = silent_postgres
-    with _write_waiting(fault_env, redis_client, keys, pg, proxy, n=50) as (proc, _):
+    with _write_waiting(fault_env, redis_client, keys, pg, proxy, n=50, connected=True) as (proc, _):
         started = time.monotonic()
         proc.signal(signal.SIGTERM)
         before = proxy.connections
         wait_until(lambda: proc.proc.poll() is not None, TIMEOUT_S + 10, 0.02, "exit")
         took = time.monotonic() - started
+        # The cancel's connection may still sit in the proxy's accept queue when the process exits.
+        wait_until(lambda: proxy.connections > before, 3, 0.02, "the cancel's connection")
         cancels = proxy.connections - before
         aborted = log_entries(proc, "cancelling them", "warning")
     print(f"measured: exit {proc.proc.returncode} {took:.2f}s after SIGTERM; {cancels} cancel connections "
