@@ -69,10 +69,14 @@ class Scale:
     # (each gets all 5,000 positions/s), every client in the "devices" phase (5,000 positions/s in all).
     sample_every_all: int = 50
     sample_every_devices: int = 1
+    # Time given to the client processes to start, connect and subscribe before publishing begins:
+    # this much, plus a second for every 40 clients.
+    connect_s: float = 5.0
 
 
 FULL = Scale()
-QUICK = Scale(rate=500, devices=1_000, seconds=3.0, clients=50, client_processes=1, sample_every_all=5)
+QUICK = Scale(rate=500, devices=1_000, seconds=3.0, clients=50, client_processes=1, sample_every_all=5,
+              connect_s=2.0)
 
 
 def log(message: str) -> None:
@@ -443,7 +447,7 @@ def run_phase(name: str, gateway: subprocess.Popen[bytes], port: int, redis_url:
     sampled = [i % every == 0 for i in range(scale.clients)]
     ctx = mp.get_context("spawn")
     out, subscribed = ctx.Queue(), ctx.Value("i", 0)
-    connect_s = 5 + scale.clients / 40  # time for every client to connect and subscribe
+    connect_s = scale.connect_s + scale.clients / 40
     start_at = time.time() + connect_s
     stop_at = start_at + scale.seconds + 2.0
     per = -(-scale.clients // scale.client_processes)

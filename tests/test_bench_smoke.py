@@ -93,6 +93,12 @@ def test_quick_benchmark_runs_every_contender_on_both_backends(redis_url: str, p
         assert hypertable["server"]["timescaledb"]
     else:
         assert hypertable == {"skipped": "the TimescaleDB library is not installed beside this PostgreSQL"}
+    gateway = results["gateway"]  # the gateway section: both phases ran, every client was served to the end
+    for phase in ("all", "devices"):
+        run = gateway[phase]
+        assert run["clients"] == run["subscribed_before_start"] == 50 and run["dropped_clients"] == 0, run
+        assert run["published"] > 0 and run["latency_samples"] > 0 and run["gateway_exit"] == 0, run
+        _positive(run, "p50_ms", "p99_ms", "delivered_per_s", "gateway_peak_rss_mb")
     for line in ("COPY ceiling", "processor catch-up", "baseline (bench/baseline.py)", "plain PostgreSQL table",
                  "TimescaleDB hypertable", "latency at", "targets:"):
         assert line in proc.stdout
