@@ -34,7 +34,7 @@ MAIN_RULES: tuple[tuple[str, str], ...] = (
                                        r"decode_batch|_fast_position)$"),
     ("read: XACK + XREADGROUP, entries", r"^(StreamConsumer\.read|_new_entries|_entries|translate)$"),
     ("device state", r"^DeviceState\.update$"),
-    ("settle: acks, end_to_end", r"^(Pipeline\.settle|Pipeline\._settle_batch|observe_ages|observe_all|Pipeline\._ack|"
+    ("settle: acks, end_to_end", r"^(Pipeline\.settle|Pipeline\._settle_batch|observe_ages|Pipeline\._ack|"
                                  r"Pipeline\._acked|Pipeline\._flush_acks|Pipeline\._try_flush_acks)$"),
     ("submit", r"^Writer\.submit$"),
     ("per-entry loop: Records, checks", r"^(Pipeline\.process|Pipeline\._records)$"),

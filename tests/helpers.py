@@ -62,12 +62,29 @@ def publish(client: redis.Redis, stream: str, payloads: Iterable[bytes], chunk: 
     return ids
 
 
-def row_count(pg_url: str, where: str = "TRUE") -> int:
-    conn = psycopg2.connect(pg_url)
+def scalar(pg_url: str, sql: str) -> Any:
+    """The one value ``sql`` returns, on a connection of its own."""
+    conn = psycopg2.connect(pg_url, connect_timeout=5)
     try:
         with conn.cursor() as cur:
-            cur.execute(f"SELECT count(*) FROM positions WHERE {where}")
-            return int(cur.fetchone()[0])
+            cur.execute(sql)
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def row_count(pg_url: str, where: str = "TRUE") -> int:
+    return int(scalar(pg_url, f"SELECT count(*) FROM positions WHERE {where}"))
+
+
+def admin(pg_url: str, *statements: str) -> None:
+    """Run ``statements`` in autocommit on a connection of its own (DDL, GRANT, ALTER SYSTEM...)."""
+    conn = psycopg2.connect(pg_url, connect_timeout=5)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for sql in statements:
+                cur.execute(sql)
     finally:
         conn.close()
 

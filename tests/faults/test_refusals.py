@@ -18,7 +18,8 @@ import redis
 
 from tests.faults.conftest import (assert_nothing_lost, fleet_entries, log_entries, publish_entries, scrape,
                                    stored_keys, wait_or_explain, with_metrics)
-from tests.helpers import BASE_MS, ServiceProcess, hold_write_lock, http_get, payload, pending_count, row_count
+from tests.helpers import (BASE_MS, ServiceProcess, admin, hold_write_lock, http_get, payload, pending_count,
+                           row_count, scalar)
 
 # Reclaim every 0.2 s: before the fixes, each pass raised the delivery count of the waiting entries.
 QUICK = {"RECLAIM_IDLE_MS": "300", "SHUTDOWN_TIMEOUT_S": "2"}
@@ -35,17 +36,6 @@ def deliveries(client, keys: Mapping[str, str]) -> dict[str, int]:
 
 def settled(client, keys, pg_url: str, rows: int) -> bool:
     return row_count(pg_url) == rows and pending_count(client, keys["stream"], keys["group"]) == 0
-
-
-def admin(url: str, *statements: str) -> None:
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            for sql in statements:
-                cur.execute(sql)
-    finally:
-        conn.close()
 
 
 def stop(proc: ServiceProcess) -> int:
@@ -250,7 +240,7 @@ def test_an_unknown_error_on_every_row_is_systemic_and_costs_a_few_statements(
         # counter also holds the monitor's failed probes, which refuse no row).
         attempts = scrape(metrics, "processor_postgres_errors_total")
         assert stop(proc) == 0
-    statements = _last_value(pg_url, "refused_statements")
+    statements = scalar(pg_url, "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM refused_statements")
     print(f"measured: {statements} refused statements in {attempts:.0f} failed attempts "
           f"({statements / max(attempts, 1):.1f} each; a full split would be 1,999); readyz {status}")
     assert counts == {1} and status == 503 and "0A000" in why
@@ -259,16 +249,6 @@ def test_an_unknown_error_on_every_row_is_systemic_and_costs_a_few_statements(
     assert attempts >= 1 and statements <= (attempts + 1) * (2 * (1000).bit_length() + 4)
     outcome = assert_nothing_lost(redis_client, pg_url, keys, published)
     assert (outcome.rows, outcome.dead_letters) == (1000, {})
-
-
-def _last_value(url: str, sequence: str) -> int:
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {sequence}")
-            return int(cur.fetchone()[0])
-    finally:
-        conn.close()
 
 
 # --- 5. rows over a size limit (54000) ------------------------------------------------------------

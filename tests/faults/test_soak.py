@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from tests.faults.conftest import assert_nothing_lost, fleet_entries, wait_or_explain, with_metrics
-from tests.helpers import ServiceProcess, pending_count, row_count
+from tests.helpers import ServiceProcess, admin, pending_count, row_count
 
 SOAK_S = float(os.environ.get("SOAK_SECONDS", "600"))
 RATE = 2000  # positions offered per second
@@ -31,17 +31,6 @@ TICK_S = 0.05  # the publisher sends RATE * TICK_S entries per tick
 INVALID_EVERY = 200  # one malformed payload in so many: the dead-letter path is exercised too
 
 pytestmark = pytest.mark.soak
-
-
-def _admin(url: str, *statements: str) -> None:
-    conn = psycopg2.connect(url, connect_timeout=5)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            for sql in statements:
-                cur.execute(sql)
-    finally:
-        conn.close()
 
 
 def _rss_mb(pid: int) -> float | None:
@@ -103,7 +92,7 @@ def test_ten_minutes_of_chaos_at_2000_per_second(fault_env, throwaway_postgres, 
     pg = throwaway_postgres
     rd = throwaway_redis_factory(appendonly=True)
     role = f"soak_{uuid.uuid4().hex[:8]}"
-    _admin(pg.url, f"CREATE ROLE {role} LOGIN", f"GRANT USAGE ON SCHEMA public TO {role}",
+    admin(pg.url, f"CREATE ROLE {role} LOGIN", f"GRANT USAGE ON SCHEMA public TO {role}",
            f"GRANT SELECT, INSERT ON positions TO {role}")
     writer_url = pg.url.replace("postgres@", f"{role}@", 1)
     env, metrics = with_metrics(dict(fault_env, REDIS_URL=rd.url, POSTGRES_URL=writer_url, MIGRATE_ON_START="false",
@@ -146,9 +135,9 @@ def test_ten_minutes_of_chaos_at_2000_per_second(fault_env, throwaway_postgres, 
             blocker.rollback()
             blocker.close()
         elif action == "revoke":
-            _admin(pg.url, f"REVOKE INSERT ON positions FROM {role}")
+            admin(pg.url, f"REVOKE INSERT ON positions FROM {role}")
             time.sleep(rng.uniform(2, 6))
-            _admin(pg.url, f"GRANT INSERT ON positions TO {role}")
+            admin(pg.url, f"GRANT INSERT ON positions TO {role}")
         elif action == "restart-postgres":
             pg.stop("fast")
             time.sleep(rng.uniform(1, 4))
