@@ -264,7 +264,7 @@ class Decoder:
         """
         latest, latest_ms = window
         most = self._max_payload_bytes
-        typed_decode, seconds_cache, millis_table, iso_cache = _TYPED_DECODE, _SECONDS, _MILLIS, _ISO_SECONDS
+        typed_decode, seconds_cache, millis_table, from_iso = _TYPED_DECODE, _SECONDS, _MILLIS, _FROM_ISO
         positions: list[Position | None] = []
         append = positions.append
         for fields in entries:
@@ -298,18 +298,17 @@ class Decoder:
                     base = _cache_second(seconds)
                 ts = base + millis_table[millis]
             else:
-                # tcp-ingestion's ISO form, YYYY-MM-DDTHH:MM:SS.mmmZ: its second from a cache of
-                # prefixes the exact parser accepted, its milliseconds from the table.
-                base = iso_cache.get(ts[:20]) if len(ts) == 24 and ts[23] == "Z" else None
-                millis_text = ts[20:23]
-                if base is not None and millis_text.isdigit() and millis_text.isascii():
-                    ts = base + millis_table[int(millis_text)]
-                else:
-                    try:
-                        ts = _iso_timestamp_cached(ts)
-                    except _Invalid:
-                        append(None)
-                        continue
+                # tcp-ingestion's ISO form, YYYY-MM-DDTHH:MM:SS.mmmZ: its separators in one slice,
+                # its digits read (and checked) by fromisoformat in C, which gives UTC for the Z.
+                # Any other form takes the exact parser (its pattern, then fromisoformat).
+                try:
+                    if len(ts) == 24 and ts[4:20:3] == "--T::." and ts[23] == "Z":
+                        ts = from_iso(ts)
+                    else:
+                        ts = _iso_timestamp(ts)
+                except (ValueError, _Invalid):
+                    append(None)
+                    continue
                 if ts < MIN_TS or ts > latest:
                     append(None)
                     continue
@@ -717,17 +716,7 @@ _INT64_MIN: Final = -(2**63)
 _UINT64_MAX: Final = 2**64 - 1  # orjson reads integer literals outside [-2**63, 2**64-1] as floats; msgspec does not
 
 
-_ISO_SECONDS: Final[dict[str, datetime]] = {}  # "YYYY-MM-DDTHH:MM:SS." -> that second, UTC; shared like _SECONDS
-
-
-def _iso_timestamp_cached(text: str) -> datetime:
-    """:func:`_iso_timestamp`, noting the second of a text of tcp-ingestion's form for the typed way."""
-    ts = _iso_timestamp(text)
-    if len(text) == 24 and text[19] == "." and text[23] == "Z":  # exactly three fraction digits, UTC
-        if len(_ISO_SECONDS) >= _SECONDS_CACHED:
-            _ISO_SECONDS.clear()
-        _ISO_SECONDS[text[:20]] = ts.replace(microsecond=0)
-    return ts
+_FROM_ISO: Final = datetime.fromisoformat  # in C; gives timezone.utc itself for a trailing Z
 
 
 def _cache_second(seconds: int) -> datetime:
