@@ -9,6 +9,7 @@ memory stays bounded when PostgreSQL is slow or down.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import operator
 import threading
@@ -213,12 +214,56 @@ class Pipeline:
         records: list[Record] = []
         letters: list[DeadLetter] = []
         lost: list[str] = []
-        # The per-entry loops are the hot path: locals, tuple unpacking, the payloads decoded
-        # as one batch (no call per entry), Records built with tuple.__new__ (docs/performance.md).
+        # The per-entry work is the hot path: the payloads decoded as one batch (no call per
+        # entry), and for the usual batch (nothing in flight here already, every entry with
+        # its data, none delivered too often, every one decoded) no Python loop at all:
+        # C-level passes build the Records with tuple.__new__ (docs/performance.md).
+        max_deliveries = self.max_deliveries
+        fieldss: list[Mapping[bytes, bytes]] = list(map(_FIELDS, entries))
+        if all(fieldss) and self._inflight_ids.isdisjoint(map(_ENTRY_ID, entries)) \
+                and max(map(_DELIVERIES, entries), default=0) <= max_deliveries:
+            kept: Sequence[Entry] = entries
+        else:
+            kept, fieldss = self._screen(entries, letters, lost)
+        results = self.decoder.decode_batch(fieldss, now)
+        if _REJECTION not in set(map(type, results)):
+            try:
+                payloads = list(map(_PAYLOAD_OF, fieldss))
+            except KeyError:  # a client that decodes responses: str keys, as the decoder tolerates
+                payloads = [fields.get(b"payload", b"") for fields in fieldss]
+            records = list(map(_new_record, _RECORD, zip(map(_ENTRY_ID, kept), results, payloads,
+                                                          map(_DELIVERIES, kept))))
+        else:
+            append = records.append
+            new_record = _new_record
+            for (entry_id, _, deliveries), fields, result in zip(kept, fieldss, results):
+                payload = fields.get(b"payload", b"")
+                if type(result) is Rejection:
+                    if result.reason == MISSING_PAYLOAD:
+                        payload = b""
+                    letters.append(DeadLetter(entry_id, payload, result.reason, result.detail, deliveries))
+                else:
+                    append(new_record(Record, (entry_id, result, payload, deliveries)))
+        self._settle_unwritable(letters, lost)
+        if not records:
+            return None
+        self.state.update(map(_POSITION, records), now)
+        self.metrics.devices_tracked.set(len(self.state))
+        batch = Batch(records, self.writer.submit(records), time.monotonic(), list(map(_ENTRY_ID, records)))
+        batch.future.add_done_callback(self._committed_callback(batch))
+        self._inflight_ids.update(batch.ids)
+        self.inflight.append(batch)
+        self.metrics.inflight_batches.set(len(self.inflight))
+        return batch
+
+    def _screen(self, entries: Sequence[Entry], letters: list[DeadLetter], lost: list[str]
+                ) -> tuple[list[Entry], list[Mapping[bytes, bytes]]]:
+        """The entries to decode, and their fields; the others skipped (already in flight here),
+        noted as lost (their data is gone) or dead-lettered (delivered too often)."""
         inflight_ids = self._inflight_ids  # also holds the ids of dead letters waiting for Redis
         max_deliveries = self.max_deliveries
-        fieldss: list[Mapping[bytes, bytes]] = []
         kept: list[Entry] = []
+        fieldss: list[Mapping[bytes, bytes]] = []
         for entry in entries:
             entry_id, fields, deliveries = entry
             if entry_id in inflight_ids:
@@ -232,28 +277,7 @@ class Pipeline:
                 continue
             fieldss.append(fields)
             kept.append(entry)
-        results = self.decoder.decode_batch(fieldss, now)
-        append = records.append
-        new_record = _new_record
-        for (entry_id, _, deliveries), fields, result in zip(kept, fieldss, results):
-            payload = fields.get(b"payload", b"")
-            if type(result) is Rejection:
-                if result.reason == MISSING_PAYLOAD:
-                    payload = b""
-                letters.append(DeadLetter(entry_id, payload, result.reason, result.detail, deliveries))
-            else:
-                append(new_record(Record, (entry_id, result, payload, deliveries)))
-        self._settle_unwritable(letters, lost)
-        if not records:
-            return None
-        self.state.update(map(_POSITION, records), now)
-        self.metrics.devices_tracked.set(len(self.state))
-        batch = Batch(records, self.writer.submit(records), time.monotonic(), list(map(_ENTRY_ID, records)))
-        batch.future.add_done_callback(self._committed_callback(batch))
-        self._inflight_ids.update(batch.ids)
-        self.inflight.append(batch)
-        self.metrics.inflight_batches.set(len(self.inflight))
-        return batch
+        return kept, fieldss
 
     def _committed_callback(self, batch: Batch) -> Callable[[Future[list[WriteResult]]], None]:
         """Runs in the writer's thread when the batch is done: note the commit time for end_to_end.
@@ -552,7 +576,12 @@ def tune_gc() -> None:
 
 
 _new_record = tuple.__new__  # Record(...) without the Python-level __new__, for the per-entry loop
-_ENTRY_ID = operator.itemgetter(0)  # Record.entry_id, without a Python-level loop
+_ENTRY_ID = operator.itemgetter(0)  # Record.entry_id (and Entry.entry_id), without a Python-level loop
+_FIELDS = operator.itemgetter(1)  # Entry.fields
+_DELIVERIES = operator.itemgetter(2)  # Entry.deliveries
+_PAYLOAD_OF = operator.itemgetter(b"payload")  # of fields the decoder took: they have one
+_RECORD = itertools.repeat(Record)
+_REJECTION = Rejection
 _POSITION = operator.itemgetter(1)  # Record.position
 _INSERTED = WriteStatus.INSERTED
 _DUPLICATE = WriteStatus.DUPLICATE
