@@ -7,8 +7,10 @@ come back from PostgreSQL as they went in.
 
 from __future__ import annotations
 
+import enum
 import itertools
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -72,3 +74,30 @@ def test_tricky_attributes_come_back_from_postgresql(pg_url: str) -> None:
     finally:
         conn.close()
     assert stored == [a or {} for a in TRICKY * 3]
+
+
+class _Level(enum.IntEnum):
+    HIGH = 1
+
+
+ODD_NUMBERS: list[Any] = [float("nan"), float("inf"), float("-inf"), True, False, "1.5", "t", Decimal("1.5"),
+                          [1], [], {"a": 1}, {}, _Level.HIGH, BASE, 2**70, -(2**70), None, 0, -0.0]
+
+
+@pytest.mark.parametrize("column", range(2, 10), ids=lambda c: Position._fields[c])
+def test_the_fast_way_declines_what_it_could_get_wrong(column: int) -> None:
+    # _copy_text_fast reads the numbers' types off orjson's text instead of checking each one:
+    # with any odd value in any number column it must decline, or give the row-by-row text.
+    taken = 0
+    required = column in (2, 3)  # latitude and longitude: None is no value of theirs (not null)
+    for odd in ODD_NUMBERS:
+        if odd is None and required:
+            continue
+        batch = records([{"a": 1}] * 3)
+        position = batch[1].position
+        batch[1] = batch[1]._replace(position=position._replace(**{Position._fields[column]: odd}))
+        fast = writer_module._copy_text_fast(batch)
+        if fast is not None:
+            taken += 1
+            assert fast == writer_module._copy_text(batch, numbered=False), odd
+    assert taken == (2 if required else 3)  # None, 0 and -0.0 are ordinary numbers: the fast way takes them
