@@ -324,8 +324,3 @@ def _new_entries(reply: Any) -> list[Entry]:
             fields = None if flat is None else dict(zip(flat[::2], flat[1::2]))
         append(new(Entry, (entry_id.decode() if type(entry_id) is bytes else entry_id, fields, 1)))
     return entries
-
-
-def entry_time_ms(entry_id: str) -> int:
-    """The millisecond timestamp in a stream entry id."""
-    return int(entry_id.partition("-")[0])

@@ -226,7 +226,7 @@ class Pipeline:
         else:
             kept, fieldss = self._screen(entries, letters, lost)
         results = self.decoder.decode_batch(fieldss, now)
-        if _REJECTION not in set(map(type, results)):
+        if Rejection not in set(map(type, results)):
             try:
                 payloads = list(map(_PAYLOAD_OF, fieldss))
             except KeyError:  # a client that decodes responses: str keys, as the decoder tolerates
@@ -581,7 +581,6 @@ _FIELDS = operator.itemgetter(1)  # Entry.fields
 _DELIVERIES = operator.itemgetter(2)  # Entry.deliveries
 _PAYLOAD_OF = operator.itemgetter(b"payload")  # of fields the decoder took: they have one
 _RECORD = itertools.repeat(Record)
-_REJECTION = Rejection
 _POSITION = operator.itemgetter(1)  # Record.position
 _INSERTED = WriteStatus.INSERTED
 _DUPLICATE = WriteStatus.DUPLICATE
