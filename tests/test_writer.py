@@ -186,6 +186,23 @@ def test_both_paths_store_identical_rows(pg_url: str, pg_conn: Any, make_writer:
     assert outcome[1][0].count(DUPLICATE) == 1 and len(outcome[1][1]) == 33
 
 
+def test_a_trigger_that_skips_rows_leaves_the_rest_stored_once(pg_url: str, pg_conn: Any, make_writer: Any,
+                                                                metrics: Metrics) -> None:
+    """The direct COPY commits as it ends (one statement in autocommit); when a trigger skipped
+    rows, the batch goes the staging way, which finds the others stored: counted as duplicates."""
+    with pg_conn.cursor() as cur:
+        cur.execute("CREATE FUNCTION skip_fast() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN IF NEW.speed >= 18 THEN RETURN NULL; END IF; RETURN NEW; END $$")
+        cur.execute("CREATE TRIGGER skip_fast BEFORE INSERT ON positions FOR EACH ROW EXECUTE FUNCTION skip_fast()")
+    writer = make_writer(pg_url, copy_threshold=1, metrics=metrics)
+    assert writer.write(batch(20)) == [DUPLICATE] * 20
+    assert [r[6] for r in rows(pg_conn)] == [float(i) for i in range(18)]
+    assert sample(metrics, "processor_records_written_total", status="duplicate") == 20
+    # the direct way rests after that: the next batch goes straight to staging, exactly counted
+    assert writer.write(batch(3, start=100)) == [INSERTED] * 3
+    assert count(pg_conn) == 21
+
+
 # --- rows the database rejects -----------------------------------------------------------
 
 # The relation PostgreSQL names when it refuses a row: on a hypertable, the chunk the row was routed to.

@@ -20,9 +20,12 @@ redelivery), a key twice in the batch, or a row the database refuses fails the
 whole COPY (rolled back; the server logs the error), and the batch goes the
 staging way, whose results are the truth; the direct way then rests for
 ``DIRECT_COPY_REST_S``, so a stream of duplicates (a replay) pays for at most one
-failed COPY per rest. A COPY that stored fewer rows than it was given (a trigger
-that skips rows) is rolled back and goes the staging way too. COPY ignores
-rewrite rules (``CREATE RULE``); ``positions`` has none.
+failed COPY per rest. The direct COPY is a statement of its own in autocommit (one
+round trip, atomic as any statement). A COPY that stored fewer rows than it was
+given (a ``BEFORE INSERT`` trigger that skips rows; ``positions`` has none) has
+committed the others: the batch then goes the staging way too, which stores what
+is missing and counts the rows already there as duplicates. COPY ignores rewrite
+rules (``CREATE RULE``); ``positions`` has none.
 
 Errors are classified where they enter, by SQLSTATE (:func:`processor.core.db.classify`,
 CONTRACT 4 rule 13):
@@ -139,7 +142,7 @@ PROBE_SQL = (f"SET LOCAL lock_timeout = '{PROBE_LOCK_TIMEOUT}'; SET LOCAL statem
 
 
 class _NotAllStored(Exception):
-    """A direct COPY stored fewer rows than it was given (a trigger skipped some)."""
+    """A direct COPY stored fewer rows than it was given (a trigger skipped some; the rest are committed)."""
 
 
 @dataclass(slots=True)
@@ -460,22 +463,20 @@ class Writer:
         return outcomes
 
     def _direct_copy(self, conn: Any, batch: list[Record]) -> bool:
-        """COPY the batch straight into positions, in its own transaction; True if every row was stored.
+        """COPY the batch straight into positions, one statement in autocommit; True if every row was stored.
 
-        False (nothing stored) when a row conflicts or is refused, or a trigger skipped
-        one: the caller then writes the batch through staging. A transient failure
-        raises, as on the other paths.
+        False when a row conflicts or is refused (nothing stored), or a trigger skipped
+        one (the others stored): the caller then writes the batch through staging. A
+        transient failure raises, as on the other paths.
         """
         if time.monotonic() < self._direct_rest_until:
             return False
+        data = _copy_text_fast(batch)
+        if data is None:
+            data = _copy_text(batch, numbered=False)
         try:
-            with _transaction(conn) as cur:
-                data = _copy_text_fast(batch)
-                if data is None:
-                    data = _copy_text(batch, numbered=False)
-                cur.copy_expert(DIRECT_COPY_SQL, io.BytesIO(data), size=max(len(data), 1))
-                if cur.rowcount != len(batch):
-                    raise _NotAllStored()  # rolls the transaction back
+            if _autocommit_copy(conn, data) != len(batch):
+                raise _NotAllStored()
         except (psycopg2.Error, _NotAllStored) as exc:
             if isinstance(exc, psycopg2.Error) and db.classify(exc) not in (db.Verdict.ROW, db.Verdict.SUSPECT):
                 raise  # systemic (or a bug): handled by the caller as on the staging path
@@ -876,6 +877,23 @@ def _open(dsn: str) -> Any:
         raise TransientError(db.describe(exc)) from exc
     log.debug("writer connection opened in %s", threading.current_thread().name)
     return conn
+
+
+def _autocommit_copy(conn: Any, data: bytes) -> int:
+    """The direct COPY as a statement of its own, committed by the server as it ends; the rows stored.
+
+    One round trip instead of three (BEGIN, COPY, COMMIT): each is a wake-up of this thread,
+    which then waits for the GIL the main thread holds while it decodes. A single statement
+    is atomic all the same: it stores every row or none (docs/performance.md, round 4).
+    """
+    conn.autocommit = True  # psycopg2 sends nothing for this: it only stops sending BEGIN
+    try:
+        with conn.cursor() as cur:
+            cur.copy_expert(DIRECT_COPY_SQL, io.BytesIO(data), size=max(len(data), 1))
+            return int(cur.rowcount)
+    finally:
+        if not conn.closed:
+            conn.autocommit = False
 
 
 @contextmanager
