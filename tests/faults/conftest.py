@@ -1,6 +1,6 @@
 """The fault-injection suite (issue 5): loads, the running processor, and the one invariant.
 
-Every test in this folder is marked ``faults`` (``pytest -m faults`` runs them alone) and
+Every test in this folder is marked ``faults`` (``make faults`` runs them alone, the soak aside) and
 ends with :func:`assert_nothing_lost`: the positions published equal the rows in
 ``positions`` plus the dead letters, nothing is pending in the group, and every dead
 letter carries the reason its entry deserves (none for an entry that should have been written).
