@@ -292,14 +292,25 @@ class _ThrowawayServer:
         proc = self._proc
         if proc is None:
             return
+        victims: list[int] = []
         if proc.poll() is None:
-            # start_new_session made the server a process group leader: its children go with it.
+            # PostgreSQL's children each call setsid(), so killing the server's process group
+            # misses them: a backend lives on until it notices its postmaster died, and a held
+            # connection can still get an answer. Freeze the server first (it cannot fork a
+            # new child while stopped), then kill it and every descendant it has.
             try:
+                os.killpg(proc.pid, signal.SIGSTOP)
+                victims = _descendants(proc.pid)
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         proc.wait()
-        _wait_group_gone(proc.pid)
+        _wait_gone(proc.pid, victims)
         self._proc = None
 
     def _stop_with(self, sig: int) -> None:
@@ -351,9 +362,9 @@ class _ThrowawayServer:
         return f"<Throwaway{self.kind} {self.url} {state} in {self.dir}>"
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Processes of group ``pgid`` that are still alive (zombies do not count: they hold nothing)."""
-    alive = []
+def _processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every live process; zombies are left out: they hold nothing."""
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -363,19 +374,37 @@ def _group_members(pgid: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            alive.append(int(entry))
-    return alive
+        if len(fields) > 2 and fields[0] != "Z":
+            found.append((int(entry), int(fields[1]), int(fields[2])))
+    return found
 
 
-def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
-    """Wait until the killed server's children are gone: a new PostgreSQL refuses to start
-    while old backends still hold the shared memory."""
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children, ...)."""
+    if not os.path.isdir("/proc"):
+        return []
+    children: dict[int, list[int]] = {}
+    for child, parent, _ in _processes():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _wait_gone(pgid: int, pids: list[int], timeout: float = 10.0) -> None:
+    """Wait until the killed server's group and its descendants are gone: a new PostgreSQL
+    refuses to start while old backends still hold the shared memory."""
     if not os.path.isdir("/proc"):
         time.sleep(0.2)
         return
+    wanted = set(pids)
     deadline = time.monotonic() + timeout
-    while _group_members(pgid) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        if not any(pid in wanted or group == pgid for pid, _, group in _processes()):
+            return
         time.sleep(0.02)
 
 

@@ -46,6 +46,16 @@ def _rows(url: str) -> list[tuple[str, float]]:
     return rows
 
 
+def _alive(pid: int) -> bool:
+    """True if ``pid`` is a live process (a zombie is not: it holds no socket)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode("ascii", "replace")
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
+
+
 # --- PostgreSQL ---
 
 def test_postgres_keeps_data_and_port_across_stop_and_start(throwaway_postgres: ThrowawayPostgres) -> None:
@@ -78,8 +88,12 @@ def test_postgres_kill_drops_connections_and_keeps_committed_rows(
     pg = throwaway_postgres
     _insert(pg.url)
     held = psycopg2.connect(pg.url)
+    backend = held.get_backend_pid()
     pg.kill()
     assert not pg.is_running()
+    # The backends go with the server (each is its own process group, so killing the
+    # group alone left them to notice in their own time, and a query could still be answered).
+    assert not _alive(backend)
     with pytest.raises((psycopg2.OperationalError, psycopg2.InterfaceError)), held.cursor() as cur:
         cur.execute("SELECT 1")
     held.close()
