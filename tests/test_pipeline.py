@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import psycopg2
 import pytest
 
+from processor.core.pipeline import SWITCH_INTERVAL_S
 from tests.helpers import (BASE_MS, InProcessService, config_for, dead_letters, payload, pending_count,
                            publish, row_count, wait_until)
 
@@ -164,10 +166,6 @@ def test_no_reclaim_while_postgres_is_down_so_delivery_counts_stay_put(
 
 
 def test_the_running_service_hands_the_gil_over_every_millisecond(redis_url, redis_client, pg_url, keys):
-    import sys
-
-    from processor.core.pipeline import SWITCH_INTERVAL_S
-
     assert SWITCH_INTERVAL_S == 0.001
     before = sys.getswitchinterval()
     sys.setswitchinterval(0.005)  # Python's default, whatever an earlier test left
