@@ -86,6 +86,11 @@ from typing import Annotated, Any, Final
 import msgspec
 import orjson
 
+try:  # built from _speedups.c at install; where no C compiler was found, the Python ways do it all
+    from . import _speedups
+except ImportError:  # pragma: no cover - depends on the build
+    _speedups = None  # type: ignore[assignment]
+
 from .types import (
     INVALID_DEVICE_ID,
     INVALID_JSON,
@@ -188,7 +193,8 @@ class Decoder:
     """Decodes stream entries (CONTRACT 1). One instance may be shared by threads: it keeps
     only a cache of the window limit for the last ``now``, replaced atomically."""
 
-    def __init__(self, *, max_payload_bytes: int = 65536, max_future_skew_s: int = 86400) -> None:
+    def __init__(self, *, max_payload_bytes: int = 65536, max_future_skew_s: int = 86400,
+                 compiled: bool = True) -> None:
         if max_payload_bytes <= 0:
             raise ValueError("max_payload_bytes must be positive")
         if max_future_skew_s < 0:
@@ -197,6 +203,13 @@ class Decoder:
         self._max_future_skew_s = max_future_skew_s
         self._limit: tuple[float, datetime] = (float("nan"), MIN_TS)
         self._limit_ms: tuple[datetime | None, int] = (None, 0)  # the limit in epoch ms
+        # The compiled way, where it was built (and not turned off: the tests compare the ways).
+        self._compiled = _speedups.decode_batch if compiled and _speedups is not None else None
+
+    @property
+    def compiled(self) -> bool:
+        """True when the compiled way (processor/core/_speedups.c) takes the usual entries."""
+        return self._compiled is not None
 
     def decode(self, fields: Mapping[bytes, bytes], now: float | None = None) -> Position | Rejection:
         """One entry's fields -> a Position, or a Rejection. Never raises."""
@@ -205,12 +218,38 @@ class Decoder:
     def decode_batch(self, entries: Sequence[Mapping[bytes, bytes]], now: float) -> list[Position | Rejection]:
         """``[decode(fields, now) for fields in entries]``, the same results in order, with the
         per-batch work (the time window) done once and no Python call per entry. Never raises."""
-        results: list[Any] = self._typed_batch(entries, self._window(now))
+        return self.decode_rows(entries, now)[0]
+
+    def decode_rows(self, entries: Sequence[Mapping[bytes, bytes]], now: float
+                    ) -> tuple[list[Position | Rejection], list[bytes | None]]:
+        """:meth:`decode_batch`'s results, and for each Position the compiled way made its row of
+        ``positions`` in COPY text, exactly as the writer formats it (None wherever it did not:
+        the writer formats that one). Never raises."""
+        window = self._window(now)
+        rows: list[Any]
+        if self._compiled is not None:
+            try:
+                results, rows = self._compiled(entries, self._max_payload_bytes, window[1], Position)
+            except Exception:  # noqa: BLE001 - never expected (memory): the Python ways take the batch
+                log.exception("the compiled decoder failed on a batch; decoding it the Python ways")
+                results = [None] * len(entries)
+                rows = [None] * len(entries)
+            if None in results:
+                self._decide(entries, results, window, now)
+            return results, rows
+        results = self._typed_batch(entries, window)
         if None in results:
             for i, result in enumerate(results):
                 if result is None:
                     results[i] = self._exact(entries[i], now)
-        return results
+        return results, [None] * len(results)
+
+    def _decide(self, entries: Sequence[Any], results: list[Any], window: tuple[datetime, int], now: float) -> None:
+        """Whatever the compiled way declined (None in ``results``): the typed way, then the exact way."""
+        declined = [i for i, result in enumerate(results) if result is None]
+        typed = self._typed_batch([entries[i] for i in declined], window)
+        for i, position in zip(declined, typed):
+            results[i] = position if position is not None else self._exact(entries[i], now)
 
     def _exact(self, fields: Any, now: float) -> Position | Rejection:
         """Every check in the documented order, with orjson: the reference the typed way must agree

@@ -227,25 +227,25 @@ class Pipeline:
             kept: Sequence[Entry] = entries
         else:
             kept, fieldss = self._screen(entries, letters, lost)
-        results = self.decoder.decode_batch(fieldss, now)
+        results, rows = self.decoder.decode_rows(fieldss, now)
         if Rejection not in set(map(type, results)):
             try:
                 payloads = list(map(_PAYLOAD_OF, fieldss))
             except KeyError:  # a client that decodes responses: str keys, as the decoder tolerates
                 payloads = [fields.get(b"payload", b"") for fields in fieldss]
             records = list(map(_new_record, _RECORD, zip(map(_ENTRY_ID, kept), results, payloads,
-                                                          map(_DELIVERIES, kept))))
+                                                          map(_DELIVERIES, kept), rows)))
         else:
             append = records.append
             new_record = _new_record
-            for (entry_id, _, deliveries), fields, result in zip(kept, fieldss, results):
+            for (entry_id, _, deliveries), fields, result, row in zip(kept, fieldss, results, rows):
                 payload = fields.get(b"payload", b"")
                 if type(result) is Rejection:
                     if result.reason == MISSING_PAYLOAD:
                         payload = b""
                     letters.append(DeadLetter(entry_id, payload, result.reason, result.detail, deliveries))
                 else:
-                    append(new_record(Record, (entry_id, result, payload, deliveries)))
+                    append(new_record(Record, (entry_id, result, payload, deliveries, row)))
         self._settle_unwritable(letters, lost)
         if not records:
             return None

@@ -65,7 +65,9 @@ class Record(NamedTuple):
     """A consumed stream entry that decoded to a Position.
 
     ``payload`` keeps the original bytes so that a row PostgreSQL rejects can be
-    dead-lettered as it arrived; ``deliveries`` is the group's delivery count.
+    dead-lettered as it arrived; ``deliveries`` is the group's delivery count. A Record
+    with a ``row`` must keep the position it was made with (``_replace`` of the position
+    alone would leave a stale row).
     A NamedTuple, like :class:`Position`: one is built per entry.
     """
 
@@ -73,6 +75,9 @@ class Record(NamedTuple):
     position: Position
     payload: bytes = b""
     deliveries: int = 1
+    # The position's row of ``positions`` in COPY text, when the decoder's compiled way made it
+    # from the same payload (the writer then sends it as it is); None: the writer formats it.
+    row: bytes | None = None
 
 
 class WriteStatus(enum.Enum):
