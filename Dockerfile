@@ -9,6 +9,28 @@
 #
 # Configuration is the environment (CONTRACT 3); nothing is baked in. `.env` is
 # kept out of the build context by .dockerignore, so no secret ends up in a layer.
+
+# The build stage: the package as a wheel, with the decoder's compiled way
+# (processor/core/_speedups.c) built by a C compiler that stays in this stage.
+# python:3.11-slim has Python's headers; a stand-in base built from Debian's
+# python3 (../shared/tools/container-base-image.sh) gets them from python3-dev.
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null \
+ && { python -c "import os, sysconfig, sys; sys.exit(not os.path.exists(sysconfig.get_paths()['include'] + '/Python.h'))" \
+      || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-dev >/dev/null; } \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+# The wheel, then its extension beside the source for `python processor.py` (below); the
+# import fails the build if the compiled way was not built.
+RUN pip wheel -q --no-deps --wheel-dir /wheels . \
+ && pip install -q --no-deps --target /built /wheels/*.whl \
+ && python -c "import sys; sys.path.insert(0, '/built'); import processor.core._speedups"
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -39,13 +61,16 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
 # schema.sql (a symlink to processor/schema.sql, kept as one) and the project files.
 COPY . .
 
-# Installed too (no dependencies: they are above) for the `telemetry-processor`
+# The wheel installed too (no dependencies: they are above) for the `telemetry-processor`
 # command and the package metadata. `python processor.py` imports /app/processor,
-# the same code. The code is compiled here because /app stays read-only to the
-# service user, which could not write __pycache__ at run time; chmod because
-# COPY keeps the checkout's modes, which a umask of 077 would make root-only.
-RUN pip install --no-deps . \
- && rm -rf build ./*.egg-info \
+# the same code, with the same compiled extension copied in. The code is compiled
+# here because /app stays read-only to the service user, which could not write
+# __pycache__ at run time; chmod because COPY keeps the checkout's modes, which a
+# umask of 077 would make root-only.
+COPY --from=build /wheels /tmp/wheels
+COPY --from=build /built/processor/core/_speedups.*.so processor/core/
+RUN pip install --no-deps /tmp/wheels/*.whl \
+ && rm -rf /tmp/wheels \
  && python -m compileall -q processor processor.py \
  && chmod -R a+rX,go-w /app
 

@@ -56,6 +56,8 @@ for top in ("/app", "/usr/local", "/usr/lib/python3", "/etc", "/root", "/tmp", "
 found["tools"] = [t for t in {BUILD_TOOLS!r} if shutil.which(t)]
 found["uid"], found["gid"] = os.getuid(), os.getgid()
 found["app"] = sorted(os.listdir("/app"))
+from processor.core import decode  # /app's package, as `python processor.py` imports it
+found["compiled"] = decode.COMPILED and decode._speedups.__file__
 print(json.dumps(found))
 """
 
@@ -187,6 +189,8 @@ def test_the_image_holds_the_service_only_and_runs_as_a_non_root_user(image: str
     assert (found["uid"], found["gid"]) == (10001, 10001)
     assert found["dotenv"] == [] and found["secret"] == [], found
     assert found["tests"] == [] and found["tools"] == [] and found["headers"] is False, found
+    # the decoder's compiled way, built in the build stage, beside the source the service imports
+    assert str(found["compiled"]).startswith("/app/processor/core/_speedups."), found["compiled"]
     assert found["app"] == ["README.md", "__pycache__", "processor", "processor.py", "pyproject.toml",
                             "schema.sql"]
 

@@ -229,7 +229,7 @@ def test_the_known_input_gives_exact_metrics(redis_url, redis_client, pg_url, ke
     for name in ("processor_reclaimed_total", "processor_entries_lost_total", "processor_redis_errors_total",
                  "processor_postgres_errors_total", "processor_domain_handler_errors_total"):
         assert _value(text, name) == 0, name
-    assert _value(text, "processor_info", {"version": __version__}) == 1
+    assert _value(text, "processor_info", {"version": __version__, "decoder": "compiled"}) == 1
     # What the figures say is what happened.
     assert row_count(pg_url) == n
     assert Counter(d["reason"].decode() for d in dead_letters(redis_client, keys["dead"])) == \
@@ -240,7 +240,8 @@ def test_the_known_input_gives_exact_metrics(redis_url, redis_client, pg_url, ke
 def _assert_bounded_labels(text: str, entry_ids: list[str]) -> None:
     """Every label value comes from a fixed set: no device id, no entry id, nothing unbounded."""
     buckets = {repr(float(b)) for b in (*WRITE_BUCKETS, *E2E_BUCKETS, *SIZE_BUCKETS)} | {"+Inf"}
-    allowed = {"status": set(STATUSES), "reason": set(REASONS), "le": buckets, "version": {__version__}}
+    allowed = {"status": set(STATUSES), "reason": set(REASONS), "le": buckets, "version": {__version__},
+               "decoder": {"compiled", "python"}}
     seen: set[str] = set()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

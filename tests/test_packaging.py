@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import tomllib
 import venv
@@ -157,9 +158,33 @@ def assert_healthcheck_behaves(command: list[str]) -> None:
 
 # --- Dockerfile ----------------------------------------------------------------------------------
 
+def _stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for kw, args in dockerfile_instructions((ROOT / "Dockerfile").read_text()):
+        if kw == "FROM":
+            stages.append([])
+        stages[-1].append((kw, args))
+    return stages
+
+
 @pytest.fixture(scope="module")
 def dockerfile() -> list[tuple[str, str]]:
-    return dockerfile_instructions((ROOT / "Dockerfile").read_text())
+    """The image's own stage (the last): what runs."""
+    return _stages()[-1]
+
+
+def test_dockerfile_builds_the_compiled_way_in_a_stage_of_its_own() -> None:
+    stages = _stages()
+    assert len(stages) == 2
+    build, image = stages
+    assert instruction(build, "FROM") == ["python:3.11-slim AS build"]
+    runs = " ".join(instruction(build, "RUN"))
+    assert "gcc" in runs and "pip wheel" in runs and "import processor.core._speedups" in runs
+    # the image takes the wheel and the extension from it, and no compiler (tests/test_image.py looks inside)
+    copies = instruction(image, "COPY")
+    assert "--from=build /wheels /tmp/wheels" in copies
+    assert "--from=build /built/processor/core/_speedups.*.so processor/core/" in copies
+    assert "gcc" not in " ".join(instruction(image, "RUN"))
 
 
 def test_dockerfile_base_workdir_user_and_runtime(dockerfile: list[tuple[str, str]]) -> None:
@@ -181,11 +206,11 @@ def test_dockerfile_installs_dependencies_before_the_source(dockerfile: list[tup
     steps = [(kw, args) for kw, args in dockerfile if kw in ("COPY", "RUN")]
     copies = [args for kw, args in steps if kw == "COPY"]
     assert copies[0] == "pyproject.toml ./", "only pyproject.toml before the dependency layer"
-    assert copies[1:] == [". ."], "then the source, once"
+    assert [c for c in copies[1:] if not c.startswith("--from=build ")] == [". ."], "then the source, once"
     deps_at = next(i for i, (kw, args) in enumerate(steps) if kw == "RUN" and "pip install -r" in args)
     source_at = next(i for i, (kw, args) in enumerate(steps) if kw == "COPY" and args.split()[0] == ".")
     install_at = next(i for i, (kw, args) in enumerate(steps)
-                      if kw == "RUN" and "pip install --no-deps ." in args)
+                      if kw == "RUN" and "pip install --no-deps /tmp/wheels/" in args)
     assert 0 < deps_at < source_at < install_at
 
 
@@ -683,13 +708,18 @@ def test_build_makes_an_sdist_and_a_wheel_with_the_schema(dist: Path) -> None:
     sdists = list(dist.glob("*.tar.gz"))
     wheels = list(dist.glob("*.whl"))
     assert [p.name for p in sdists] == [f"telemetry_processor-{__version__}.tar.gz"]
-    assert [p.name for p in wheels] == [f"telemetry_processor-{__version__}-py3-none-any.whl"]
+    # a wheel for this Python and platform: it holds the decoder's compiled way
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    assert [p.name.split("-")[:3] for p in wheels] == [["telemetry_processor", __version__, tag]]
     with zipfile.ZipFile(wheels[0]) as wheel:
         names = set(wheel.namelist())
         assert {"processor/schema.sql", "processor/cli.py", "processor/core/db.py"} <= names
+        assert any(re.fullmatch(r"processor/core/_speedups\.cpython-.*\.so", name) for name in names), names
         assert wheel.read("processor/schema.sql") == (ROOT / "processor" / "schema.sql").read_bytes()
         entry_points = wheel.read(f"telemetry_processor-{__version__}.dist-info/entry_points.txt").decode()
     assert re.search(r"^telemetry-processor = processor\.cli:main$", entry_points, re.MULTILINE)
+    with tarfile.open(sdists[0]) as sdist:
+        assert f"telemetry_processor-{__version__}/processor/core/_speedups.c" in sdist.getnames()
 
 
 @pytest.mark.slow

@@ -91,6 +91,8 @@ try:  # built from _speedups.c at install; where no C compiler was found, the Py
 except ImportError:  # pragma: no cover - depends on the build
     _speedups = None  # type: ignore[assignment]
 
+COMPILED: Final = _speedups is not None  # the compiled way was built (processor_info{decoder})
+
 from .types import (
     INVALID_DEVICE_ID,
     INVALID_JSON,

@@ -27,7 +27,7 @@ STATUSES = ("inserted", "duplicate", "failed")
 class Metrics:
     """Every metric of the processor, as attributes, on one registry."""
 
-    def __init__(self, *, registry: CollectorRegistry | None = None, version: str = "") -> None:
+    def __init__(self, *, registry: CollectorRegistry | None = None, version: str = "", decoder: str = "") -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         p = "processor_"
@@ -61,7 +61,8 @@ class Metrics:
         self.ready = Gauge(p + "ready", "1 when the last Redis read and the last PostgreSQL write or ping "
                            "succeeded (as /readyz), else 0", registry=r)
         self.info = Info("processor", "Processor build information", registry=r)
-        self.info.info({"version": version})
+        # decoder: "compiled" (processor/core/_speedups.c built at install) or "python" (it was not)
+        self.info.info({"version": version, "decoder": decoder})
         # Pre-create every label value so that dashboards and alerts see zeros, not gaps.
         for status in STATUSES:
             self.records_written.labels(status)
