@@ -12,7 +12,11 @@ built, not sent). Stages, per position:
 - ``process``: ``Pipeline.process`` (decoding, the per-entry checks, ``Record``\\ s, device
   state, the hand-over to the writer, here one that resolves at once);
 - ``settle``: ``Pipeline.settle`` of those batches (acknowledgement ids, ``end_to_end_seconds``);
-- ``copy text``: the writer's COPY text of a batch (``_copy_text_fast``, else ``_copy_text``).
+- ``copy text``: the writer's direct COPY text of a batch (``_copy_text_rows``: the rows the
+  decoder's compiled way made, joined; else ``_copy_text_fast``, else ``_copy_text``).
+
+``--python``: the decoder's Python ways only (``Decoder(compiled=False)``), as where the compiled
+way was not built, and as before it was written (issue 13, round 7).
 
 Times are CPU time (best of ``--repeat``); ``--instructions`` runs each stage under
 ``valgrind --tool=callgrind`` twice (0 and ``--batches`` batches) and prints the difference
@@ -82,11 +86,14 @@ def replies(redis_url: str, batches: int) -> list[Any]:
     return out
 
 
+COMPILED = True  # --python: False
+
+
 def pipeline(redis_url: str) -> Pipeline:
     client = redis.Redis.from_url(redis_url)
     metrics = Metrics(registry=CollectorRegistry())
     return Pipeline(consumer=StreamConsumer(client=client, stream="unused", group="unused", consumer="micro"),
-                    decoder=Decoder(), state=DeviceState(max_devices=100_000), writer=DoneWriter(),
+                    decoder=Decoder(compiled=COMPILED), state=DeviceState(max_devices=100_000), writer=DoneWriter(),
                     dead_letters=DeadLetters(client=client, stream="unused", source_stream="unused", group="unused"),
                     metrics=metrics, health=Health(block_ms=1000), max_inflight=10**9)
 
@@ -115,7 +122,7 @@ def run_stage(stage: str, data: list[Any], redis_url: str) -> Callable[[], None]
 
     def copy_text() -> None:
         for batch in records:
-            if writer_module._copy_text_fast(batch) is None:
+            if writer_module._copy_text_rows(batch) is None:
                 writer_module._copy_text(batch, numbered=False)
     return copy_text
 
@@ -138,7 +145,8 @@ def instructions(stage: str, data_file: Path, batches: int, args: argparse.Names
         with tempfile.NamedTemporaryFile(suffix=".callgrind") as out:
             subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out.name}", sys.executable,
                             __file__, "--child", stage, "--run", run, "--data", str(data_file),
-                            "--redis-url", args.redis_url], check=True, capture_output=True)
+                            "--redis-url", args.redis_url, *(["--python"] if args.python else [])],
+                           check=True, capture_output=True)
             totals = [line for line in Path(out.name).read_text().splitlines() if line.startswith("totals:")]
             counts.append(int(totals[0].split()[1]))
     return (counts[1] - counts[0]) / (batches * BATCH)
@@ -151,10 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--instructions", action="store_true", help="count instructions under callgrind")
     parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--python", action="store_true", help="the decoder's Python ways only (compiled=False)")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--run", default="1", help=argparse.SUPPRESS)
     parser.add_argument("--data", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global COMPILED
+    COMPILED = not args.python
     tune_gc()
     stages = [s for s in args.stages.split(",") if s]
     if args.child:  # under callgrind: prepare (counted in both runs), then the stage once (second run only)

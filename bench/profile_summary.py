@@ -25,6 +25,8 @@ from pathlib import Path
 
 # (stage, frame-name pattern), most specific first: the deepest frame of a stack matching one wins.
 MAIN_RULES: tuple[tuple[str, str], ...] = (
+    # the compiled way is one C call from decode_rows: its samples end in that frame (round 7)
+    ("decode: compiled way (C)", r"^Decoder\.decode_rows$"),
     ("decode: JSON parsing, typed (C)", r"^(_parse|_typed|_decode_typed|Decoder\._fast_batch)$"),
     ("decode: attributes, sentinels", r"^(_attributes|_decode_sentinels|_sentinel|_bigint|_base64_buffer|"
                                       r"_node_buffer|_typed_attributes|_typed_walk|_is_sentinel_shaped)$"),
@@ -40,7 +42,7 @@ MAIN_RULES: tuple[tuple[str, str], ...] = (
     ("per-entry loop: Records, checks", r"^(Pipeline\.process|Pipeline\._records)$"),
 )
 WRITER_RULES: tuple[tuple[str, str], ...] = (
-    ("COPY text", r"^(_copy_text|_copy_text_fast|_values_insert|_escape)$"),
+    ("COPY text", r"^(_copy_text|_copy_text_rows|_copy_text_fast|_values_insert|_escape)$"),
     ("COPY, commit (psycopg2)", r"^(Writer\._direct_copy|_transaction|_copy_insert|Writer\._insert)$"),
     ("accounting", r"^(Writer\._account|Writer\._attempt|_outcomes)$"),
 )

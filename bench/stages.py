@@ -11,12 +11,15 @@ taken with ``time.thread_time()`` around the product's own functions, once per b
 subtracted from the ones around them:
 
 - main thread: ``read`` (XACK + XREADGROUP round trip, hiredis parsing, building the
-  entries), ``decode loop`` (``Pipeline.process`` without the stages below: decoding,
-  the per-entry checks, the ``Record``\\ s), ``device state``, ``submit`` (the hand-over
+  entries), ``decoding`` (``Decoder.decode_rows``: the compiled way, and the Python ways
+  for what it declines; ``decode_batch`` before round 7), ``decode loop`` (the rest of
+  ``Pipeline.process`` without the stages below: the per-entry checks, the
+  ``Record``\\ s), ``device state``, ``submit`` (the hand-over
   to a writer thread), ``settle`` (acknowledgement bookkeeping, ``end_to_end_seconds``),
   ``loop, other`` (the rest of the main thread: the turn, the GIL hand-overs' own cost,
   the garbage collector);
-- writer threads: ``COPY text`` (``_copy_text_fast``, or ``_copy_text`` when it declines),
+- writer threads: ``COPY text`` (``_copy_text_rows``: the compiled way's rows joined, else
+  ``_copy_text_fast``, or ``_copy_text`` when that declines),
   ``COPY, commit (client)`` (the rest of ``Writer._attempt``: psycopg2 sending the
   text, waiting, the commit), ``writer, other`` (queue, futures, the rest of the thread).
 
@@ -48,12 +51,13 @@ import run as harness  # noqa: E402  (bench/run.py: servers, data, fresh databas
 from processor.core import writer as writer_module  # noqa: E402
 from processor.core.config import load_config  # noqa: E402
 from processor.core.consumer import StreamConsumer  # noqa: E402
+from processor.core.decode import Decoder  # noqa: E402
 from processor.core.pipeline import Pipeline  # noqa: E402
 from processor.core.state import DeviceState  # noqa: E402
 from processor.core.writer import Writer  # noqa: E402
 from processor.service import Service  # noqa: E402
 
-MAIN_STAGES = ("read", "decode loop", "device state", "submit", "settle", "loop, other")
+MAIN_STAGES = ("read", "decoding", "decode loop", "device state", "submit", "settle", "loop, other")
 WRITER_STAGES = ("COPY text", "COPY, commit (client)", "writer, other")
 
 
@@ -95,9 +99,13 @@ def instrument(stages: Stages) -> Callable[[], None]:
 
     patch(StreamConsumer, "read", "read")
     patch(Pipeline, "process", "decode loop")
+    for name in ("decode_rows", "decode_batch"):  # the pipeline calls decode_rows; before round 7, decode_batch
+        if hasattr(Decoder, name):
+            patch(Decoder, name, "decoding")
     patch(DeviceState, "update", "device state")
     patch(Writer, "submit", "submit")
     patch(Pipeline, "settle", "settle")
+    patch(writer_module, "_copy_text_rows", "COPY text")
     patch(writer_module, "_copy_text_fast", "COPY text")
     patch(writer_module, "_copy_text", "COPY text")
     patch(Writer, "_attempt", "COPY, commit (client)")
