@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import random
 import string
+import sys
 from datetime import datetime, timezone
 from typing import Any
 
@@ -109,6 +110,10 @@ def test_realistic_payloads_are_all_taken_and_agree() -> None:
     payloads = list(Fleet(500, seed=13, start_ms=int(NOW * 1000) - 86_400_000).payloads(5000))
     taken = check([entry(p) for p in payloads], "fleet")
     assert all(taken)
+    # as compact as the Python ways' (device state keeps 100,000 of them: the benchmark's memory target)
+    positions, _ = compiled([entry(payloads[0])])
+    python, = PYTHON.decode_batch([entry(payloads[0])], NOW)
+    assert sys.getsizeof(positions[0].attributes) == sys.getsizeof(python.attributes)
     # Fleet's payloads hold every sentinel kind, and ISO as well as integer timestamps.
     assert any(b'"type":"Buffer"' in p for p in payloads) and any(b'Z"' in p for p in payloads)
 

@@ -626,16 +626,6 @@ static PyObject *key_str(Span key)
     return str;
 }
 
-static PyObject *new_dict(Py_ssize_t size)
-{
-#if PY_VERSION_HEX < 0x030D0000
-    return _PyDict_NewPresized(size); /* no resize while it fills */
-#else
-    (void)size;
-    return PyDict_New();
-#endif
-}
-
 /* One value of attributes: a new reference, and its orjson text into ``text``. */
 static int attribute_value(Cur *c, Buf *text, PyObject **value)
 {
@@ -719,7 +709,7 @@ static int attributes(Cur *c, Buf *text, PyObject **out)
             }
         }
     }
-    if (put_char(text, '}') < 0 || (dict = new_dict(n)) == NULL) {
+    if (put_char(text, '}') < 0 || (dict = PyDict_New()) == NULL) {
         r = ERROR;
         goto done;
     }
