@@ -86,12 +86,6 @@ from typing import Annotated, Any, Final
 import msgspec
 import orjson
 
-try:  # built from _speedups.c at install; where no C compiler was found, the Python ways do it all
-    from . import _speedups
-except ImportError:  # pragma: no cover - depends on the build
-    _speedups = None  # type: ignore[assignment]
-
-COMPILED: Final = _speedups is not None  # the compiled way was built (processor_info{decoder})
 
 from .types import (
     INVALID_DEVICE_ID,
@@ -109,6 +103,13 @@ from .types import (
     Position,
     Rejection,
 )
+
+try:  # built from _speedups.c at install; where no C compiler was found, the Python ways do it all
+    from . import _speedups
+except ImportError:  # pragma: no cover - depends on the build
+    _speedups = None  # type: ignore[assignment]
+
+COMPILED: Final = _speedups is not None  # the compiled way was built (processor_info{decoder})
 
 log = logging.getLogger(__name__)
 
@@ -228,23 +229,27 @@ class Decoder:
         ``positions`` in COPY text, exactly as the writer formats it (None wherever it did not:
         the writer formats that one). Never raises."""
         window = self._window(now)
+        if self._compiled is None:
+            return self._python_ways(entries, window, now), [None] * len(entries)
         rows: list[Any]
-        if self._compiled is not None:
-            try:
-                results, rows = self._compiled(entries, self._max_payload_bytes, window[1], Position)
-            except Exception:  # noqa: BLE001 - never expected (memory): the Python ways take the batch
-                log.exception("the compiled decoder failed on a batch; decoding it the Python ways")
-                results = [None] * len(entries)
-                rows = [None] * len(entries)
-            if None in results:
-                self._decide(entries, results, window, now)
-            return results, rows
-        results = self._typed_batch(entries, window)
+        try:
+            results, rows = self._compiled(entries, self._max_payload_bytes, window[1], Position)
+        except Exception:  # noqa: BLE001 - never expected (memory): the Python ways take the batch
+            log.exception("the compiled decoder failed on a batch; decoding it the Python ways")
+            return self._python_ways(entries, window, now), [None] * len(entries)
+        if None in results:
+            self._decide(entries, results, window, now)
+        return results, rows
+
+    def _python_ways(self, entries: Sequence[Any], window: tuple[datetime, int], now: float
+                     ) -> list[Position | Rejection]:
+        """The typed way, then the exact way for what it declines."""
+        results: list[Any] = self._typed_batch(entries, window)
         if None in results:
             for i, result in enumerate(results):
                 if result is None:
                     results[i] = self._exact(entries[i], now)
-        return results, [None] * len(results)
+        return results
 
     def _decide(self, entries: Sequence[Any], results: list[Any], window: tuple[datetime, int], now: float) -> None:
         """Whatever the compiled way declined (None in ``results``): the typed way, then the exact way."""
