@@ -368,4 +368,5 @@ def test_a_failing_compiled_way_leaves_the_batch_to_the_python_ways(caplog: pyte
     results, rows = decoder.decode_rows(entries, NOW)
     assert [repr(r) for r in results] == [repr(r) for r in PYTHON.decode_batch(entries, NOW)]
     assert rows == [None, None, None]
-    assert [r.message for r in caplog.records] == ["the compiled decoder failed on a batch; decoding it the Python ways"]
+    assert [r.message for r in caplog.records] == [
+        "the compiled decoder failed on a batch; decoding it the Python ways"]
