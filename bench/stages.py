@@ -105,7 +105,8 @@ def instrument(stages: Stages) -> Callable[[], None]:
     patch(DeviceState, "update", "device state")
     patch(Writer, "submit", "submit")
     patch(Pipeline, "settle", "settle")
-    patch(writer_module, "_copy_text_rows", "COPY text")
+    if hasattr(writer_module, "_copy_text_rows"):  # since round 7
+        patch(writer_module, "_copy_text_rows", "COPY text")
     patch(writer_module, "_copy_text_fast", "COPY text")
     patch(writer_module, "_copy_text", "COPY text")
     patch(Writer, "_attempt", "COPY, commit (client)")
