@@ -28,7 +28,8 @@ from processor import __version__
 from processor.core import httpserver
 from processor.core import pipeline as pipeline_module
 from processor.core.decode import Decoder
-from processor.core.metrics import E2E_BUCKETS, SIZE_BUCKETS, STATUSES, WRITE_BUCKETS
+from processor.simulate import Fleet
+from processor.core.metrics import E2E_BUCKETS, SIZE_BUCKETS, STATUSES, WAYS, WRITE_BUCKETS
 from processor.core.types import DB_REJECTED, MAX_DELIVERIES, REASONS, Rejection, WriteStatus
 from tests.helpers import (BASE_MS, InProcessService, ServiceProcess, config_for, dead_letters, free_port,
                            http_get, metric_value, payload, pending_count, publish, row_count, wait_until)
@@ -216,6 +217,9 @@ def test_the_known_input_gives_exact_metrics(redis_url, redis_client, pg_url, ke
         assert _value(text, "processor_records_dead_lettered_total", {"reason": reason}) == expected, reason
     assert _value(text, "processor_acks_total") == total == n + d + 12
     assert _value(text, "processor_records_consumed_total") == total
+    # obs-dev-NN is not alphanumeric: the compiled way leaves every entry here to the Python ways
+    assert _value(text, "processor_entries_decoded_total", {"way": "compiled"}) == 0
+    assert _value(text, "processor_entries_decoded_total", {"way": "python"}) == total
     assert _value(text, "processor_pending_entries") == 0
     assert _value(text, "processor_stream_lag") == 0
     assert _value(text, "processor_inflight_batches") == 0
@@ -241,7 +245,7 @@ def _assert_bounded_labels(text: str, entry_ids: list[str]) -> None:
     """Every label value comes from a fixed set: no device id, no entry id, nothing unbounded."""
     buckets = {repr(float(b)) for b in (*WRITE_BUCKETS, *E2E_BUCKETS, *SIZE_BUCKETS)} | {"+Inf"}
     allowed = {"status": set(STATUSES), "reason": set(REASONS), "le": buckets, "version": {__version__},
-               "decoder": {"compiled", "python"}}
+               "decoder": {"compiled", "python"}, "way": set(WAYS)}
     seen: set[str] = set()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -258,6 +262,21 @@ def _assert_bounded_labels(text: str, entry_ids: list[str]) -> None:
 
 def _ready(port: int) -> tuple[int, str]:
     return http_get(_base(port) + "/readyz")
+
+
+@pytest.mark.backends("plain")
+def test_entries_decoded_counts_each_way(redis_url, redis_client, pg_url, keys) -> None:
+    """The compiled way's share is visible: a new upstream shape it does not take shows as way="python"."""
+    fleet = list(Fleet(30, seed=3, start_ms=BASE_MS).payloads(30))  # tcp-ingestion's shape
+    unusual = [payload(f"dev-{i}", BASE_MS + i) for i in range(20)]  # valid, but a '-' in the id
+    rejected = [b"{", b'{"device_id":"x"}', b"[]", b'{"device_id":"y","timestamp":"never"}', b"null"]
+    publish(redis_client, keys["stream"], fleet + unusual + rejected)
+    config = config_for(redis_url, pg_url, keys, batch_size=20)
+    with InProcessService(config) as svc:
+        wait_until(lambda: svc.sample("processor_acks_total") == 55, 30, message="55 entries acknowledged")
+        assert svc.sample("processor_entries_decoded_total", {"way": "compiled"}) == 30
+        assert svc.sample("processor_entries_decoded_total", {"way": "python"}) == 25
+    assert row_count(pg_url) == 50
 
 
 def test_readyz_is_503_naming_postgres_while_it_is_down_and_200_within_a_refresh_after(

@@ -22,6 +22,7 @@ WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 STATUSES = ("inserted", "duplicate", "failed")
+WAYS = ("compiled", "python")  # the decoder's ways (processor.core.decode)
 
 
 class Metrics:
@@ -32,6 +33,9 @@ class Metrics:
         r = self.registry
         p = "processor_"
         self.records_consumed = Counter(p + "records_consumed", "Stream entries read", registry=r)
+        self.entries_decoded = Counter(p + "entries_decoded", "Stream entries decoded, by the decoder's way that "
+                                       "decided them: compiled (C) or python (the typed or the exact way)",
+                                       ["way"], registry=r)
         self.records_written = Counter(p + "records_written", "Records written, by outcome",
                                        ["status"], registry=r)
         self.records_dead_lettered = Counter(p + "records_dead_lettered", "Entries dead-lettered, by reason",
@@ -66,5 +70,7 @@ class Metrics:
         # Pre-create every label value so that dashboards and alerts see zeros, not gaps.
         for status in STATUSES:
             self.records_written.labels(status)
+        for way in WAYS:
+            self.entries_decoded.labels(way)
         for reason in REASONS:
             self.records_dead_lettered.labels(reason)
