@@ -75,7 +75,7 @@ class Service:
                                               "decoder": DECODER})
         if not COMPILED:
             log.warning("the decoder's compiled way was not built (no C compiler at install): decoding in "
-                        "Python only, the same results at about half the throughput (README, Install)")
+                        "Python only, the same results at about two thirds of the throughput (README, Install)")
         if cfg.metrics_port:
             self.http = MetricsServer(host=cfg.metrics_host, port=cfg.metrics_port,
                                       registry=self.metrics.registry, health=self.health)

@@ -11,16 +11,20 @@
  *
  * It takes only a narrow, common shape and declines everything else, so that accepting is
  * always safe: a dict of at most 64 fields whose b"payload" is bytes within the size limit,
- * holding one compact or spaced JSON object with no backslash anywhere (so no escape, and no
- * \u0000); strings of printable ASCII only; CONTRACT 1's fields alone, each at most once;
+ * holding one JSON object made of printable ASCII only (so no escape, no \u0000, no control
+ * character, and no whitespace but the space); CONTRACT 1's fields alone, each at most once;
  * device_id ASCII letters and digits, 1-64 of them; timestamp integer epoch milliseconds or
  * tcp-ingestion's ISO form YYYY-MM-DDTHH:MM:SS.mmmZ, inside the window; the reals as plain
  * decimals of at most 15 significant digits, no exponent, no trailing zero after the point
  * (but "x.0"), magnitudes from 1e-4 (so that repr writes the same digits, see float_literal);
- * integers of at most 18 digits; attributes an object whose values are integers, strings,
- * booleans, null, the empty object or the sentinels of CONTRACT 1.1 (canonical base64 only),
- * no key of it starting with "__". tests/test_speedups.py compares both ways on the fuzz
- * corpus, on realistic payloads and on every boundary named here.
+ * integers of at most 18 digits; attributes an object of at most 128 distinct keys, none
+ * starting with "__", whose values are integers, strings, booleans, null, the empty object or
+ * the sentinels of CONTRACT 1.1 (canonical base64 only).
+ *
+ * Keep it in step: a change to CONTRACT 1's rules, to the decoder's Python ways or to the
+ * writer's COPY text must be made here too. tests/test_speedups.py compares both ways on the
+ * fuzz corpus, on mutations of realistic payloads and on every boundary named here, and fails
+ * where they part.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -560,7 +564,6 @@ static int sentinel(Cur *c, Buf *text, PyObject **value)
     /* {"type": "Buffer", "data": [...]}, in either order */
     int type_seen = 0, data_seen = 0;
     Py_ssize_t at = 0, len = 0;
-    Py_ssize_t mark = text->len;
     for (;;) {
         if (SPAN_IS(key, "type") && !type_seen) {
             if (plain_string(c, &str) != OK || !SPAN_IS(str, "Buffer")) {
@@ -569,8 +572,7 @@ static int sentinel(Cur *c, Buf *text, PyObject **value)
             type_seen = 1;
         }
         else if (SPAN_IS(key, "data") && !data_seen) {
-            text->len = mark; /* only the data's hex goes into the text */
-            int r = node_data_hex(c, text, &at, &len);
+            int r = node_data_hex(c, text, &at, &len); /* the type writes nothing: only the hex goes in */
             if (r != OK) {
                 return r;
             }

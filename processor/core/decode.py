@@ -86,7 +86,6 @@ from typing import Annotated, Any, Final
 import msgspec
 import orjson
 
-
 from .types import (
     INVALID_DEVICE_ID,
     INVALID_JSON,
@@ -252,11 +251,10 @@ class Decoder:
         return results
 
     def _decide(self, entries: Sequence[Any], results: list[Any], window: tuple[datetime, int], now: float) -> None:
-        """Whatever the compiled way declined (None in ``results``): the typed way, then the exact way."""
+        """Whatever the compiled way declined (None in ``results``): the Python ways."""
         declined = [i for i, result in enumerate(results) if result is None]
-        typed = self._typed_batch([entries[i] for i in declined], window)
-        for i, position in zip(declined, typed):
-            results[i] = position if position is not None else self._exact(entries[i], now)
+        for i, result in zip(declined, self._python_ways([entries[i] for i in declined], window, now)):
+            results[i] = result
 
     def _exact(self, fields: Any, now: float) -> Position | Rejection:
         """Every check in the documented order, with orjson: the reference the typed way must agree
