@@ -177,18 +177,23 @@ static int literal(Cur *c, const char *text, size_t n)
     return OK;
 }
 
+/* Where a number starts (its sign, then a digit at the cursor), or NULL: no number here. */
+static const unsigned char *number_start(Cur *c, int *negative)
+{
+    skip_ws(c);
+    const unsigned char *start = c->p;
+    *negative = c->p < c->end && *c->p == '-';
+    c->p += *negative;
+    return c->p < c->end && is_digit(*c->p) ? start : NULL;
+}
+
 /* An integer literal -?(0|[1-9][0-9]*) of at most 18 digits (it fits int64), not "-0", not
  * followed by a fraction or an exponent. ``text`` is the literal, which is also str() of it. */
 static int int_literal(Cur *c, int64_t *value, Span *text)
 {
-    skip_ws(c);
-    const unsigned char *start = c->p;
-    int negative = 0;
-    if (c->p < c->end && *c->p == '-') {
-        negative = 1;
-        c->p++;
-    }
-    if (c->p >= c->end || !is_digit(*c->p)) {
+    int negative;
+    const unsigned char *start = number_start(c, &negative);
+    if (start == NULL) {
         return DECLINE;
     }
     int64_t v = 0;
@@ -234,14 +239,9 @@ static const double POW10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1
  * between 1e-4 and 1e16, with ".0" after an integral value (``dot0``). */
 static int float_literal(Cur *c, double *value, Span *text, int *dot0)
 {
-    skip_ws(c);
-    const unsigned char *start = c->p;
-    int negative = 0;
-    if (c->p < c->end && *c->p == '-') {
-        negative = 1;
-        c->p++;
-    }
-    if (c->p >= c->end || !is_digit(*c->p)) {
+    int negative;
+    const unsigned char *start = number_start(c, &negative);
+    if (start == NULL) {
         return DECLINE;
     }
     uint64_t significand = 0;
