@@ -821,24 +821,27 @@ static int timestamp(Cur *c, const Ctx *ctx, int64_t *ms)
     return OK;
 }
 
-/* An optional float field (null: absent), within [low, high]. */
-static int optional_real(Cur *c, Value *v, double low, double high)
+/* A float field within [low, high]. */
+static int real(Cur *c, Value *v, double low, double high)
 {
-    if (peek(c) == 'n') {
-        v->null = 1;
-        return literal(c, "null", 4);
-    }
     if (float_literal(c, &v->real, &v->text, &v->dot0) != OK || !(v->real >= low && v->real <= high)) {
         return DECLINE;
     }
     return OK;
 }
 
-/* An optional integer field (null: absent), within [low, high]. */
+/* An optional float field (null: absent, as when it is left out), within [low, high]. */
+static int optional_real(Cur *c, Value *v, double low, double high)
+{
+    v->null = peek(c) == 'n';
+    return v->null ? literal(c, "null", 4) : real(c, v, low, high);
+}
+
+/* An optional integer field (null: absent, as when it is left out), within [low, high]. */
 static int optional_int(Cur *c, Value *v, int64_t low, int64_t high)
 {
-    if (peek(c) == 'n') {
-        v->null = 1;
+    v->null = peek(c) == 'n';
+    if (v->null) {
         return literal(c, "null", 4);
     }
     if (int_literal(c, &v->integer, &v->text) != OK || v->integer < low || v->integer > high) {
@@ -939,7 +942,7 @@ static int decode_one(PyObject *fields, Ctx *ctx, PyObject **position, PyObject 
     Value values[N_FIELDS];
     memset(values, 0, sizeof values);
     for (int i = F_ALTITUDE; i <= F_EVENT_ID; i++) {
-        values[i].null = 1;
+        values[i].null = 1; /* an optional field left out */
     }
     PyObject *attrs = NULL;
     unsigned seen = 0;
@@ -970,35 +973,27 @@ static int decode_one(PyObject *fields, Ctx *ctx, PyObject **position, PyObject 
             r = timestamp(&c, ctx, &ts_ms);
             break;
         case F_LATITUDE:
-            r = float_literal(&c, &v->real, &v->text, &v->dot0);
-            r = r == OK && v->real >= -90.0 && v->real <= 90.0 ? OK : DECLINE;
+            r = real(&c, v, -90.0, 90.0);
             break;
         case F_LONGITUDE:
-            r = float_literal(&c, &v->real, &v->text, &v->dot0);
-            r = r == OK && v->real >= -180.0 && v->real <= 180.0 ? OK : DECLINE;
+            r = real(&c, v, -180.0, 180.0);
             break;
         case F_ALTITUDE: /* a real column: finite, and no magnitude below 1e-4 gets here but zero */
-            v->null = 0;
             r = optional_real(&c, v, -1e16, 1e16);
             break;
         case F_ANGLE:
-            v->null = 0;
             r = optional_real(&c, v, 0.0, 360.0);
             break;
         case F_SPEED:
-            v->null = 0;
             r = optional_real(&c, v, 0.0, 1e16);
             break;
         case F_SATELLITES:
-            v->null = 0;
             r = optional_int(&c, v, 0, 255);
             break;
         case F_PRIORITY:
-            v->null = 0;
             r = optional_int(&c, v, 0, 2);
             break;
         case F_EVENT_ID:
-            v->null = 0;
             r = optional_int(&c, v, 0, MAX_EVENT_ID);
             break;
         case F_ATTRIBUTES:
